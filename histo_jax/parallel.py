@@ -1,0 +1,65 @@
+"""Data parallelism: one ``Mesh`` over every device, batch sharded on ``'data'``, state replicated.
+
+Multi-host: call :func:`maybe_initialize_distributed` first (it reads the standard
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, or the
+cluster environment JAX detects by itself); each process then feeds its own slice of the
+global batch and :func:`global_batch` assembles the sharded global array.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed() -> None:
+    """Initialises multi-process JAX when the environment asks for it; no-op otherwise."""
+    if jax.distributed.is_initialized():
+        return
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        jax.distributed.initialize(
+            coordinator_address=addr,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(global_batch: int, what: str = "batch_size") -> int:
+    """Returns the per-process batch; explains the fix when the batch does not divide."""
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    if global_batch % n_dev:
+        raise ValueError(
+            f"config.{what}={global_batch} does not divide by the {n_dev} devices in use. "
+            f"Set --config.{what} to a multiple of {n_dev} (e.g. {((global_batch // n_dev) or 1) * n_dev}), "
+            f"or limit the devices (CUDA_VISIBLE_DEVICES, or XLA_FLAGS device count on CPU).")
+    return global_batch // n_proc
+
+
+def global_batch(mesh: Mesh, local: dict) -> dict:
+    """Turns this process's slice of a batch (numpy) into global arrays sharded over 'data'."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def to_host(x) -> np.ndarray:
+    """Fetches a (possibly multi-host sharded) global array to numpy on every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

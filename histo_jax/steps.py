@@ -1,0 +1,104 @@
+"""Pure, jit-compiled train and eval steps over a functional view of the NNX model.
+
+The model is split once into a static graph (one per mode: train / eval) and two state
+trees, ``params`` (``nnx.Param``) and ``batch_stats`` (``nnx.BatchStat``); the steps are
+pure functions of ``(TrainState, batch, key)``. All randomness of step ``s`` (augmentation,
+dropout, stochastic depth) comes from ``fold_in(key, s)``, so a resumed run replays the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from histo_jax.data import augment
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGraphs:
+    """Static halves of the model in each mode."""
+
+    train: Any
+    eval: Any
+
+
+def split_model(model: nnx.Module) -> tuple[ModelGraphs, Any, Any]:
+    """Returns (graphs, params, batch_stats). Fails if the model holds other state (e.g. RNG keys)."""
+    model.eval()
+    graph_eval = nnx.graphdef(model)
+    model.train()
+    graph_train, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return ModelGraphs(graph_train, graph_eval), params, batch_stats
+
+
+def init_train_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params))
+
+
+def weighted_cross_entropy(logits, labels, class_weights):
+    """PyTorch ``CrossEntropyLoss(weight=w)``: sum_i w[y_i] nll_i / sum_i w[y_i]."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    w = class_weights[labels]
+    return jnp.sum(w * nll) / jnp.sum(w)
+
+
+def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
+                    aug_cfg: "augment.AugmentConfig | None", normalization: str,
+                    class_weights: jax.Array) -> Callable:
+    """Builds ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted)."""
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array):
+        step_key = jax.random.fold_in(key, state.step)
+        aug_key, dropout_key = jax.random.split(step_key)
+        images = batch["images"]
+        if aug_cfg is not None:
+            images = augment.augment_batch(aug_key, images, aug_cfg)
+        images = augment.preprocess(images, normalization)
+        labels = batch["labels"]
+
+        def loss_fn(params):
+            model = nnx.merge(graphs.train, params, state.batch_stats)
+            logits, _ = model(images, rngs=nnx.Rngs(dropout=dropout_key))
+            loss = weighted_cross_entropy(logits, labels, class_weights)
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            "grad_norm": optax.global_norm(grads),
+        }
+        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphs: ModelGraphs, normalization: str) -> Callable:
+    """Builds ``eval_step(params, batch_stats, images) -> (logits, attention)``."""
+
+    def eval_step(params, batch_stats, images):
+        model = nnx.merge(graphs.eval, params, batch_stats)
+        logits, attention = model(augment.preprocess(images, normalization))
+        return logits.astype(jnp.float32), attention.astype(jnp.float32)
+
+    return eval_step
