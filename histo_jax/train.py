@@ -1,0 +1,314 @@
+"""The trainer: one run = one (num_inputs, run, seed) of the study, SPEC §4.
+
+``train_and_evaluate(config, workdir)`` validates and prepares the data, splits it by
+``num_id``, trains with the reference procedure (weighted sampling with replacement,
+weighted cross-entropy, Adam + OneCycle, clipping, early stopping on validation macro-F1),
+checkpoints so that rerunning the same command resumes exactly, and tests the best weights.
+
+Workdir contents: ``config.json`` (resolved config), ``splits.json``, ``metrics.jsonl``
+(scalars as JSON lines), ``tensorboard/``, ``checkpoints/`` (latest state), ``best/``
+(best weights), ``metrics.json`` (final test metrics), ``test_predictions.csv`` and the
+pictures (``training_curves.png``, ``confusion_matrix.png``, ``roc_curve.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from histo_jax import checkpointing, optim, parallel, plots, steps
+from histo_jax.data import augment, pipeline, sources, splits as splits_lib
+from histo_jax.metrics import MetricWriter, classification_metrics, softmax
+from histo_jax.models import build_model
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
+    """JAX's persistent compilation cache (``config.compilation_cache_dir``; '' disables)."""
+    path = config.get("compilation_cache_dir", "")
+    if path:
+        path = os.path.expanduser(path)
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
+    """``config.data.dir``, or the embedded demo dataset (generated on first use) when empty."""
+    if config.data.dir:
+        return os.path.expanduser(config.data.dir)
+    return ensure_demo_dataset(config.data.get("demo_dir", ""))
+
+
+def demo_cache_dir() -> str:
+    root = os.environ.get("HISTO_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histo_jax")
+    return os.path.join(root, "demo_dataset")
+
+
+def ensure_demo_dataset(path: str = "") -> str:
+    """The demo dataset's folder, written on first use (atomically: a crash leaves no half copy)."""
+    from histo_jax.data import demo
+    path = os.path.expanduser(path) if path else demo_cache_dir()
+    if os.path.exists(os.path.join(path, "labels.csv")):
+        return path
+    log.info("No --config.data.dir given: writing the embedded demo dataset to %s (once).", path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    demo.write_demo_dataset(tmp, seed=0)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first
+        if not os.path.exists(os.path.join(path, "labels.csv")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Balanced class weights n / (C * count_c), as scikit-learn's ``compute_class_weight``."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if np.any(counts == 0):
+        missing = [c for c in range(num_classes) if counts[c] == 0]
+        raise ValueError(f"The training split has no sample of class(es) {missing}; "
+                         "the dataset is too small or too unbalanced to train on.")
+    return (len(labels) / (num_classes * counts)).astype(np.float32)
+
+
+def evaluate_dataset(eval_fn, params, batch_stats, loader, mesh, *, progress: bool = False,
+                     desc: str = "eval") -> dict:
+    """Runs ``eval_fn`` over every batch of an eval loader; returns host arrays of the real
+    (unpadded) samples: ``logits``, ``attention``, ``labels``, ``index``."""
+    out = {k: [] for k in ("logits", "attention", "labels", "index")}
+    bar = tqdm(total=len(loader.indices) if hasattr(loader, "indices") else None, desc=desc,
+               unit="samples", disable=not progress or jax.process_index() != 0, leave=False)
+    for local in loader:
+        batch = parallel.global_batch(mesh, local)
+        logits, attention = eval_fn(params, batch_stats, batch["images"])
+        mask = parallel.to_host(batch["mask"]).astype(bool)
+        out["logits"].append(parallel.to_host(logits)[mask])
+        out["attention"].append(parallel.to_host(attention)[mask])
+        out["labels"].append(parallel.to_host(batch["labels"])[mask])
+        out["index"].append(parallel.to_host(batch["index"])[mask])
+        bar.update(int(mask.sum()))
+    bar.close()
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _weighted_ce_host(logits, labels, weights):
+    p = softmax(logits.astype(np.float64))
+    nll = -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None))
+    w = weights[labels]
+    return float((w * nll).sum() / w.sum())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains one run and returns its test metrics (also written to ``workdir/metrics.json``)."""
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    done_file = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(done_file):
+        log.info("%s exists: this run is finished (delete it to retrain).", done_file)
+        with open(done_file) as f:
+            return json.load(f)
+    setup_compilation_cache(config)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ---- Data -------------------------------------------------------------------------------
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.dir = resolve_data_dir(config)
+    n_in = config.num_inputs
+    if not 1 <= n_in <= len(data_cfg.scales):
+        raise ValueError(f"config.num_inputs={n_in} must be between 1 and the number of "
+                         f"configured scale folders ({len(data_cfg.scales)}: {list(data_cfg.scales)}).")
+    source = sources.load_dataset(data_cfg, log=log.info)
+    split = splits_lib.make_splits(source.num_ids, source.labels, config.run,
+                                   test_size=data_cfg.test_size, val_size=data_cfg.val_size)
+    if primary:
+        splits_lib.save_splits(os.path.join(workdir, "splits.json"), split, source.num_ids,
+                               source.filenames)
+    num_classes = config.model.num_classes
+    weights = class_weights(source.labels[split["train"]], num_classes)
+    log.info("Data: %s | %d train, %d val, %d test samples | class weights %s",
+             data_cfg.dir, len(split["train"]), len(split["val"]), len(split["test"]),
+             np.round(weights, 4).tolist())
+
+    mesh = parallel.make_mesh()
+    local_batch = parallel.check_batch_size(config.batch_size, "batch_size")
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    steps_per_epoch = config.steps_per_epoch or math.ceil(len(split["train"]) / config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+
+    # ---- Model, optimizer, steps --------------------------------------------------------------
+    model = build_model(config.model, n_in, nnx.Rngs(params=config.seed))
+    graphs, params, batch_stats = steps.split_model(model)
+    tx = optim.make_optimizer(config.optimizer, total_steps)
+    repl = parallel.replicated(mesh)
+    state = jax.device_put(steps.init_train_state(params, batch_stats, tx), repl)
+    aug_cfg = augment.AugmentConfig.from_config(data_cfg, n_in) if data_cfg.augment else None
+    cw = jnp.asarray(weights if config.class_weighted_loss else np.ones_like(weights))
+    train_step = jax.jit(
+        steps.make_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw),
+        in_shardings=(repl, parallel.batch_sharding(mesh), repl), out_shardings=(repl, repl),
+        donate_argnums=0)
+    eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization),
+                        in_shardings=(repl, repl, parallel.batch_sharding(mesh)))
+    base_key = jax.device_put(jax.random.PRNGKey(config.seed), repl)
+    lr_schedule, _ = optim.make_schedules(config.optimizer, total_steps)
+
+    loader_kw = dict(num_inputs=n_in, num_workers=data_cfg.num_workers,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(pipeline.make_train_loader(
+        source, split["train"], global_batch_size=config.batch_size, seed=config.seed, **loader_kw))
+    val_loader = pipeline.make_eval_loader(
+        source, split["val"], global_batch_size=config.eval_batch_size, **loader_kw)
+
+    # ---- Resume -------------------------------------------------------------------------------
+    ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+    meta = {"epoch": 0, "step_in_epoch": 0, "sums": [0.0, 0.0, 0], "best_f1": -1.0,
+            "best_epoch": 0, "bad_epochs": 0, "history": [], "stopped_early": False}
+    restored = ckpt.restore_latest(state, train_iter)
+    if restored is not None:
+        state, meta = restored
+        log.info("Resumed from %s at step %d (epoch %d).", ckpt.latest.directory,
+                 int(state.step), meta["epoch"])
+    writer = MetricWriter(workdir, enabled=primary)
+
+    def save_latest():
+        ckpt.save_latest(int(state.step), state, train_iter, meta)
+
+    # ---- Train --------------------------------------------------------------------------------
+    log.info("Training %d inputs for up to %d epochs x %d steps (batch %d over %d devices, "
+             "%d process(es)).", n_in, config.num_epochs, steps_per_epoch, config.batch_size,
+             jax.device_count(), jax.process_count())
+    while meta["epoch"] < config.num_epochs and not meta["stopped_early"]:
+        epoch = meta["epoch"]
+        bar = tqdm(total=steps_per_epoch * config.batch_size, initial=meta["step_in_epoch"] * config.batch_size,
+                   desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="samples",
+                   disable=not (config.progress and primary), leave=False)
+        t0 = time.time()
+        pending = []
+        while meta["step_in_epoch"] < steps_per_epoch:
+            batch = parallel.global_batch(mesh, next(train_iter))
+            state, m = train_step(state, {"images": batch["images"], "labels": batch["labels"]}, base_key)
+            pending.append(m)
+            meta["step_in_epoch"] += 1
+            bar.update(config.batch_size)
+            step = int(state.step)
+            last_of_epoch = meta["step_in_epoch"] == steps_per_epoch
+            if step % config.log_every_steps == 0 or last_of_epoch:
+                host = jax.device_get(pending)
+                pending = []
+                for hm in host:
+                    if not np.isfinite(hm["loss"]):
+                        raise NonFiniteLossError(
+                            f"Non-finite training loss ({hm['loss']}) at step {step} of epoch {epoch + 1}. "
+                            f"The last good checkpoint is kept in {ckpt.latest.directory} (rerun resumes "
+                            "from it). Lower --config.optimizer.learning_rate or check the input data.")
+                    meta["sums"][0] += float(hm["loss"])
+                    meta["sums"][1] += float(hm["accuracy"])
+                    meta["sums"][2] += 1
+                writer.write(step, {"train/loss": host[-1]["loss"], "train/grad_norm": host[-1]["grad_norm"],
+                                    "train/lr": float(lr_schedule(step - 1))}, epoch=epoch + 1)
+                bar.set_postfix(loss=f"{host[-1]['loss']:.4f}")
+            if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                    and not last_of_epoch):
+                save_latest()
+        bar.close()
+        train_time = time.time() - t0
+
+        # Validation, best weights, early stopping.
+        ev = evaluate_dataset(eval_step, state.params, state.batch_stats, val_loader, mesh,
+                              progress=config.progress, desc="validation")
+        vm = classification_metrics(ev["labels"], ev["logits"], num_classes)
+        val_loss = _weighted_ce_host(ev["logits"], ev["labels"], weights)
+        n_steps = max(meta["sums"][2], 1)
+        row = {"epoch": epoch + 1, "train_loss": meta["sums"][0] / n_steps,
+               "train_accuracy": meta["sums"][1] / n_steps, "val_loss": val_loss,
+               "val_macro_f1": vm["macro_f1"], "val_accuracy": vm["accuracy"],
+               "samples_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9)}
+        meta["history"].append(row)
+        writer.write(int(state.step), {f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
+                     epoch=epoch + 1)
+        improved = vm["macro_f1"] > meta["best_f1"]
+        if improved:
+            meta.update(best_f1=vm["macro_f1"], best_epoch=epoch + 1, bad_epochs=0)
+            ckpt.save_best(int(state.step), {"params": state.params, "batch_stats": state.batch_stats},
+                           {"epoch": epoch + 1, "val_macro_f1": vm["macro_f1"]})
+        else:
+            meta["bad_epochs"] += 1
+        log.info("epoch %d: train loss %.4f | val loss %.4f, macro-F1 %.4f%s | %.1f samples/s",
+                 epoch + 1, row["train_loss"], val_loss, vm["macro_f1"], " (best)" if improved else "",
+                 row["samples_per_s"])
+        meta.update(epoch=epoch + 1, step_in_epoch=0, sums=[0.0, 0.0, 0])
+        if meta["bad_epochs"] >= config.patience:
+            meta["stopped_early"] = True
+            log.info("Early stopping: no validation improvement for %d epochs.", config.patience)
+        save_latest()
+
+    # ---- Test the best weights --------------------------------------------------------------------
+    best = ckpt.restore_best({"params": state.params, "batch_stats": state.batch_stats})
+    weights_best = best[0]
+    test_loader = pipeline.make_eval_loader(
+        source, split["test"], global_batch_size=config.eval_batch_size, **loader_kw)
+    ev = evaluate_dataset(eval_step, weights_best["params"], weights_best["batch_stats"],
+                          test_loader, mesh, progress=config.progress, desc="test")
+    result = classification_metrics(ev["labels"], ev["logits"], num_classes)
+    result.update(num_inputs=n_in, run=config.run, seed=config.seed, best_epoch=meta["best_epoch"],
+                  best_val_macro_f1=meta["best_f1"], epochs_trained=meta["epoch"],
+                  stopped_early=meta["stopped_early"], scales=list(data_cfg.scales[:n_in]),
+                  data_dir=data_cfg.dir)
+    writer.write(int(state.step), {f"test/{k}": v for k, v in result.items()
+                                   if isinstance(v, float)})
+    writer.close()
+    ckpt.close()
+    if primary:
+        _write_test_outputs(workdir, ev, source, data_cfg, result, meta["history"])
+        with open(done_file + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(done_file + ".tmp", done_file)
+    log.info("Test (best epoch %d): macro-F1 %.4f, accuracy %.4f, AUROC %.4f -> %s",
+             meta["best_epoch"], result["macro_f1"], result["accuracy"], result["auroc"], done_file)
+    return result
+
+
+def _write_test_outputs(workdir, ev, source, data_cfg, result, history) -> None:
+    """Test predictions CSV and the pictures of the run."""
+    probs = softmax(ev["logits"].astype(np.float64))
+    names = list(data_cfg.class_names)
+    n_in = ev["attention"].shape[1]
+    scales = list(data_cfg.scales[:n_in])
+    with open(os.path.join(workdir, "test_predictions.csv"), "w", encoding="utf-8") as f:
+        cols = (["filename", "num_id", "label", "predicted"] + [f"prob_{c}" for c in names]
+                + [f"attn_{scales[i]}_to_{scales[j]}" for i in range(n_in) for j in range(n_in)])
+        f.write(",".join(cols) + "\n")
+        for k, idx in enumerate(ev["index"]):
+            vals = [source.filenames[idx], source.num_ids[idx], str(int(ev["labels"][k])),
+                    names[int(probs[k].argmax())]]
+            vals += [f"{p:.6f}" for p in probs[k]] + [f"{a:.6f}" for a in ev["attention"][k].ravel()]
+            f.write(",".join(vals) + "\n")
+    plots.training_curves(history, os.path.join(workdir, "training_curves.png"))
+    plots.confusion_matrix(np.asarray(result["confusion_matrix"]), names,
+                           os.path.join(workdir, "confusion_matrix.png"))
+    if len(names) == 2 and len(np.unique(ev["labels"])) == 2:
+        plots.roc_curve(ev["labels"], probs[:, 1], os.path.join(workdir, "roc_curve.png"))

@@ -1,0 +1,41 @@
+"""histo_jax entry point: trains one run, or the scales x runs grid when the config asks for it.
+
+    python main.py --config=configs/four_scale.py --workdir=runs/four_scale
+    python main.py --config=configs/four_scale.py --config.data.dir=/data/thyroid --config.run=2
+    python main.py --config=configs/grid.py --config.data.dir=/data/thyroid --workdir=runs/grid
+
+Rerunning a command with the same workdir resumes it. Without --config.data.dir the
+embedded demo dataset is used (generated on first use).
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from histo_jax import grid, parallel, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, pictures. "
+                    "Default: runs/<config file name>.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    parallel.maybe_initialize_distributed()
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
+    if config.grid.num_inputs:
+        grid.run_grid(config, workdir)
+    else:
+        train.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
