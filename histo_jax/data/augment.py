@@ -1,0 +1,317 @@
+"""Training augmentation and preprocessing as pure, jit-friendly JAX functions.
+
+The Grain pipeline delivers uint8 batches ``(B, N, H, W, 3)``; the trainer calls
+:func:`augment_batch` inside its jitted train step (with ``fold_in(seed_key, step)``,
+so a resumed run draws exactly the same augmentations) and :func:`preprocess` in both
+train and eval steps.
+
+:func:`augment_batch` reproduces the reference's torchvision pipeline (SPEC §2) on
+every image independently -- a fresh draw per sample AND per input -- in this order:
+
+1. ``RandomHorizontalFlip(p)``, ``RandomVerticalFlip(p)``;
+2. ``RandomRotation(d)``: angle uniform in [-d, d] degrees, counter-clockwise, about
+   the image centre, NEAREST interpolation, fill 0, same size (torchvision's inverse
+   affine grid with ``align_corners=False``);
+3. ``ColorJitter(b, c, s, h)`` with the per-input strengths of input position i:
+   factors uniform in [max(0, 1 - x), 1 + x], hue in [-h, h]; the four ops are applied
+   in a random order (``torch.randperm(4)``); brightness blends with black, contrast
+   with the mean of the grayscale image, saturation with the grayscale image, hue
+   shifts H in HSV (torchvision's ``_rgb2hsv`` / ``_hsv2rgb``); clamp to [0, 1] after
+   each op;
+4. ``GaussianBlur(k, sigma)``: sigma uniform in ``blur_sigma``, separable kernel on
+   ``linspace(-(k-1)/2, (k-1)/2, k)``, reflect padding;
+5. ``RandomErasing(p_i, scale, ratio, value=0)``: up to 10 tries of (area, log-uniform
+   aspect ratio), the first rectangle that fits is zeroed at a uniform position;
+6. clamp to [0, 1].
+
+With ``shared_geometry`` the flip and rotation draws are shared by the inputs of one
+sample (colour, blur and erasing stay independent).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("none", "imagenet")
+_ERASING_TRIES = 10
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights.
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Static (hashable) augmentation settings for ``num_inputs`` inputs.
+
+    ``color_jitter[i]`` = (brightness, contrast, saturation, hue) and
+    ``erasing_prob[i]`` apply to input position i.
+    """
+
+    enabled: bool = True
+    shared_geometry: bool = False
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.5
+    rotation_degrees: float = 15.0
+    color_jitter: tuple[tuple[float, float, float, float], ...] = ((0.3, 0.3, 0.3, 0.1),)
+    blur_kernel: int = 3
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    erasing_prob: tuple[float, ...] = (0.3,)
+    erasing_scale: tuple[float, float] = (0.02, 0.33)
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)
+
+    def __post_init__(self):
+        n = len(self.color_jitter)
+        if len(self.erasing_prob) != n:
+            raise ValueError(
+                f"AugmentConfig: color_jitter has {n} entries but erasing_prob has "
+                f"{len(self.erasing_prob)}; give one entry per input.")
+        if any(len(cj) != 4 for cj in self.color_jitter):
+            raise ValueError(
+                "AugmentConfig: every color_jitter entry must be a 4-tuple "
+                f"(brightness, contrast, saturation, hue); got {self.color_jitter}.")
+        if any(not 0.0 <= cj[3] <= 0.5 for cj in self.color_jitter):
+            raise ValueError(f"AugmentConfig: hue jitter must lie in [0, 0.5]; got {self.color_jitter}.")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"AugmentConfig: blur_kernel must be odd and >= 1; got {self.blur_kernel}.")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"AugmentConfig: blur_sigma must be 0 < min <= max; got {self.blur_sigma}.")
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.color_jitter)
+
+    @classmethod
+    def from_config(cls, data_cfg: Any, num_inputs: int) -> "AugmentConfig":
+        """Builds the config for the first ``num_inputs`` inputs of a data ConfigDict.
+
+        ``data_cfg`` is ``histo_jax.data.config.get_data_config()`` (or any object
+        with the same fields).
+        """
+        jitter = tuple(tuple(float(v) for v in cj) for cj in data_cfg.color_jitter)
+        erasing = tuple(float(p) for p in data_cfg.erasing_prob)
+        for name, values in (("color_jitter", jitter), ("erasing_prob", erasing)):
+            if len(values) < num_inputs:
+                raise ValueError(
+                    f"data config field '{name}' has {len(values)} per-input entries but the "
+                    f"model uses {num_inputs} inputs: add one entry per input (see "
+                    "histo_jax/data/config.py).")
+        return cls(
+            enabled=bool(data_cfg.augment),
+            shared_geometry=bool(data_cfg.shared_geometry),
+            hflip_prob=float(data_cfg.hflip_prob),
+            vflip_prob=float(data_cfg.vflip_prob),
+            rotation_degrees=float(data_cfg.rotation_degrees),
+            color_jitter=jitter[:num_inputs],
+            blur_kernel=int(data_cfg.blur_kernel),
+            blur_sigma=tuple(float(s) for s in data_cfg.blur_sigma),
+            erasing_prob=erasing[:num_inputs],
+            erasing_scale=tuple(float(s) for s in data_cfg.erasing_scale),
+            erasing_ratio=tuple(float(r) for r in data_cfg.erasing_ratio),
+        )
+
+
+# ----------------------------------------------------------------------------- ops
+# Every op works on one float32 image (H, W, 3) in [0, 1].
+
+def rotate_nearest(img: jax.Array, angle_deg: jax.Array) -> jax.Array:
+    """torchvision ``rotate(img, angle, NEAREST, fill=0)``: counter-clockwise about the centre."""
+    h, w = img.shape[:2]
+    theta = jnp.deg2rad(angle_deg)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    ys = jnp.arange(h, dtype=jnp.float32)[:, None] - (h - 1) * 0.5
+    xs = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) * 0.5
+    # Source location (pixel index) of every output pixel.
+    ix = jnp.round(cos * xs - sin * ys + (w - 1) * 0.5).astype(jnp.int32)
+    iy = jnp.round(sin * xs + cos * ys + (h - 1) * 0.5).astype(jnp.int32)
+    valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    out = img[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
+    return jnp.where(valid[..., None], out, 0.0)
+
+
+def _grayscale(img: jax.Array) -> jax.Array:
+    return img[..., 0] * _GRAY[0] + img[..., 1] * _GRAY[1] + img[..., 2] * _GRAY[2]
+
+
+def _blend(img: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
+    return jnp.clip(factor * img + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(img: jax.Array, factor: jax.Array) -> jax.Array:
+    return _blend(img, jnp.zeros_like(img), factor)
+
+
+def adjust_contrast(img: jax.Array, factor: jax.Array) -> jax.Array:
+    return _blend(img, jnp.mean(_grayscale(img)), factor)
+
+
+def adjust_saturation(img: jax.Array, factor: jax.Array) -> jax.Array:
+    return _blend(img, _grayscale(img)[..., None], factor)
+
+
+def _rgb_to_hsv(img: jax.Array) -> jax.Array:
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    maxc = jnp.max(img, axis=-1)
+    minc = jnp.min(img, axis=-1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / jnp.where(eqc, 1.0, maxc)
+    cr_div = jnp.where(eqc, 1.0, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = jnp.where(maxc == r, bc - gc, 0.0)
+    hg = jnp.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
+    hb = jnp.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
+    h = jnp.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return jnp.stack([h, s, maxc], axis=-1)
+
+
+def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    i = jnp.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.astype(jnp.int32) % 6
+    p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
+    q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
+    t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    r = jnp.select([i == k for k in range(6)], [v, q, p, p, t, v])
+    g = jnp.select([i == k for k in range(6)], [t, v, v, q, p, p])
+    b = jnp.select([i == k for k in range(6)], [p, p, t, v, v, q])
+    return jnp.stack([r, g, b], axis=-1)
+
+
+def adjust_hue(img: jax.Array, hue_factor: jax.Array) -> jax.Array:
+    hsv = _rgb_to_hsv(img)
+    hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + hue_factor, 1.0))
+    return jnp.clip(_hsv_to_rgb(hsv), 0.0, 1.0)
+
+
+def color_jitter(key: jax.Array, img: jax.Array, strengths: jax.Array) -> jax.Array:
+    """torchvision ``ColorJitter``: random factors, the 4 ops in a random order."""
+    k_perm, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
+    b, c, s, h = strengths[0], strengths[1], strengths[2], strengths[3]
+
+    def factor(k, x):
+        return jax.random.uniform(k, (), minval=jnp.maximum(0.0, 1.0 - x), maxval=1.0 + x)
+
+    fb, fc, fs = factor(k_b, b), factor(k_c, c), factor(k_s, s)
+    fh = jax.random.uniform(k_h, (), minval=-h, maxval=h)
+    ops = (lambda x: adjust_brightness(x, fb), lambda x: adjust_contrast(x, fc),
+           lambda x: adjust_saturation(x, fs), lambda x: adjust_hue(x, fh))
+    order = jax.random.permutation(k_perm, 4)
+    for step in range(4):
+        img = jax.lax.switch(order[step], ops, img)
+    return img
+
+
+def gaussian_blur(img: jax.Array, kernel_size: int, sigma: jax.Array) -> jax.Array:
+    """torchvision ``gaussian_blur``: separable kernel, reflect padding, same size."""
+    half = (kernel_size - 1) * 0.5
+    x = jnp.linspace(-half, half, kernel_size)
+    k = jnp.exp(-0.5 * (x / sigma) ** 2)
+    k = k / jnp.sum(k)
+    pad = kernel_size // 2
+    padded = jnp.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = img.shape[:2]
+    rows = sum(k[t] * padded[t:t + h] for t in range(kernel_size))
+    return sum(k[t] * rows[:, t:t + w] for t in range(kernel_size))
+
+
+def random_erasing(key: jax.Array, img: jax.Array, prob: jax.Array,
+                   scale: tuple[float, float], ratio: tuple[float, float]) -> jax.Array:
+    """torchvision ``RandomErasing(p, scale, ratio, value=0)`` (first of 10 tries that fits)."""
+    h, w = img.shape[:2]
+    k_apply, k_area, k_ratio, k_i, k_j = jax.random.split(key, 5)
+    area = h * w * jax.random.uniform(k_area, (_ERASING_TRIES,), minval=scale[0], maxval=scale[1])
+    aspect = jnp.exp(jax.random.uniform(k_ratio, (_ERASING_TRIES,),
+                                        minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+    eh = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    ew = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (eh < h) & (ew < w)
+    first = jnp.argmax(fits)
+    eh, ew = eh[first], ew[first]
+    top = jax.random.randint(k_i, (), 0, h - eh + 1)
+    left = jax.random.randint(k_j, (), 0, w - ew + 1)
+    rows = jnp.arange(h)[:, None]
+    cols = jnp.arange(w)[None, :]
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    erase = jax.random.bernoulli(k_apply, prob) & jnp.any(fits)
+    return jnp.where((inside & erase)[..., None], 0.0, img)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def _augment_image(img, geo_key, app_key, jitter, erase_prob, cfg: AugmentConfig):
+    k_h, k_v, k_rot = jax.random.split(geo_key, 3)
+    k_color, k_blur, k_erase = jax.random.split(app_key, 3)
+    img = jnp.where(jax.random.bernoulli(k_h, cfg.hflip_prob), img[:, ::-1], img)
+    img = jnp.where(jax.random.bernoulli(k_v, cfg.vflip_prob), img[::-1], img)
+    if cfg.rotation_degrees:
+        d = cfg.rotation_degrees
+        img = rotate_nearest(img, jax.random.uniform(k_rot, (), minval=-d, maxval=d))
+    img = color_jitter(k_color, img, jitter)
+    if cfg.blur_kernel > 1:
+        sigma = jax.random.uniform(k_blur, (), minval=cfg.blur_sigma[0], maxval=cfg.blur_sigma[1])
+        img = gaussian_blur(img, cfg.blur_kernel, sigma)
+    img = random_erasing(k_erase, img, erase_prob, cfg.erasing_scale, cfg.erasing_ratio)
+    return jnp.clip(img, 0.0, 1.0)
+
+
+def _to_unit_float(images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:
+    """Augments a batch ``(B, N, H, W, 3)`` (uint8 or float in [0, 1]) -> float32 in [0, 1].
+
+    Deterministic given ``key``; independent draws per sample and per input (flips and
+    rotation shared across a sample's inputs when ``cfg.shared_geometry``). With
+    ``cfg.enabled`` False it only scales to [0, 1].
+    """
+    if images.ndim != 5 or images.shape[-1] != 3:
+        raise ValueError(f"augment_batch expects images (B, N, H, W, 3); got shape {images.shape}.")
+    num_inputs = images.shape[1]
+    if num_inputs > cfg.num_inputs:
+        raise ValueError(
+            f"augment_batch: images have {num_inputs} inputs but the AugmentConfig holds "
+            f"parameters for {cfg.num_inputs}; build it with AugmentConfig.from_config(cfg, "
+            f"{num_inputs}).")
+    x = _to_unit_float(images)
+    if not cfg.enabled:
+        return x
+    jitter = jnp.asarray(cfg.color_jitter[:num_inputs], jnp.float32)
+    erase_p = jnp.asarray(cfg.erasing_prob[:num_inputs], jnp.float32)
+
+    def per_sample(sample_key, sample):
+        k_shared, k_inputs = jax.random.split(sample_key)
+        keys = jax.random.split(k_inputs, num_inputs)
+        geo_keys, app_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+        if cfg.shared_geometry:
+            geo_keys = jnp.stack([k_shared] * num_inputs)
+        fn = lambda img, gk, ak, j, p: _augment_image(img, gk, ak, j, p, cfg)  # noqa: E731
+        return jax.vmap(fn)(sample, geo_keys, app_keys, jitter, erase_p)
+
+    sample_keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(per_sample)(sample_keys, x)
+
+
+def preprocess(images: jax.Array, normalization: str = "none") -> jax.Array:
+    """uint8 -> float32 in [0, 1] (float input is kept), then optional ImageNet mean/std.
+
+    ``normalization``: 'none' (the reference) or 'imagenet'.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"preprocess: unknown normalization '{normalization}'; use one of {NORMALIZATIONS} "
+            "(data config field 'normalization').")
+    x = _to_unit_float(images)
+    if normalization == "imagenet":
+        mean = np.asarray(IMAGENET_MEAN, np.float32)
+        std = np.asarray(IMAGENET_STD, np.float32)
+        x = (x - mean) / std
+    return x
