@@ -186,7 +186,7 @@ class _Tensor:
             view = np.lib.stride_tricks.as_strided(
                 flat[self.offset:], shape=self.size,
                 strides=[s * np_dtype.itemsize for s in self.stride], writeable=False)
-            out = np.array(view, dtype=np_dtype.newbyteorder("="), copy=True)
+            out = np.array(view, dtype=np_dtype.newbyteorder("="), order="C", copy=True)
         if self.dtype.bfloat16:
             out = (out.astype(np.uint32) << 16).view(np.float32)
         return out
