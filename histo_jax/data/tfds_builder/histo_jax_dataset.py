@@ -1,0 +1,83 @@
+"""``HistoJaxDataset``: a TFDS ``GeneratorBasedBuilder`` writing ArrayRecord, no TF needed.
+
+The user's data folder is the builder's MANUAL dir (``DownloadConfig(manual_dir=...)``).
+Each record holds one sample: ``images`` = the crops of ALL configured scale folders,
+in configured order, each decoded as RGB and resized ONCE to ``image_size`` with PIL
+antialiased bilinear (``Image.resize(..., BILINEAR, reducing_gap=None)``), plus
+``label``, ``num_id`` and ``filename``. Records keep the sample order given to the
+builder (``disable_shuffling=True``), so record i is sample i.
+
+Storage choice (measured on 2 CPU cores, 4 crops of 224 px per record): a
+``Tensor(shape=(K, S, S, 3), dtype=uint8, encoding=BYTES)`` reads back in ~0.3 ms
+per record, against ~2.4 ms for the same crops stored as PNG ``Image`` features
+(PNG decode) and ~1.0 ms with ZLIB tensor encoding; ArrayRecord's own block
+compression keeps the file size close to PNG. So images are stored as raw uint8
+tensors (BYTES encoding).
+
+Decoding + resizing runs in a thread pool (``num_workers`` threads) while TFDS
+shows its progress bar (examples/s). The builder's constructor takes the samples to
+write: use ``histo_jax.data.prepare.prepare_dataset`` rather than building directly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from histo_jax.data.layout import IMAGE_SUFFIX, Sample, load_resized, ordered_imap
+
+SPLIT = "data"
+
+
+class HistoJaxDataset(tfds.core.GeneratorBasedBuilder):
+    """Multi-scale histology crops, resized once, one record per sample."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Raw uint8 (K, S, S, 3) tensors, BYTES encoding."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Pass the dataset folder (scale folders + labels file) as the manual dir; see "
+        "`python -m histo_jax.data prepare --help`.")
+
+    def __init__(self, *, scales: Sequence[str], image_size: int,
+                 samples: Sequence[Sample] = (), num_workers: int = 2, **kwargs):
+        # Set before super().__init__, which calls _info().
+        self._scales = tuple(scales)
+        self._image_size = int(image_size)
+        self._samples = list(samples)
+        self._num_workers = int(num_workers)
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        k, s = len(self._scales), self._image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Histology crops of {k} scale folder(s) {list(self._scales)}, "
+                        f"resized to {s}x{s} (PIL antialiased bilinear).",
+            features=tfds.features.FeaturesDict({
+                "images": tfds.features.Tensor(shape=(k, s, s, 3), dtype=np.uint8,
+                                               encoding=tfds.features.Encoding.BYTES),
+                "label": tfds.features.Scalar(dtype=np.int64),
+                "num_id": tfds.features.Text(),
+                "filename": tfds.features.Text(),
+            }),
+            metadata=tfds.core.MetadataDict(scales=list(self._scales), image_size=s),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        manual_dir = os.fspath(dl_manager.manual_dir)
+        return {SPLIT: self._generate_examples(manual_dir)}
+
+    def _load(self, args: tuple[str, Sample]) -> tuple[Sample, np.ndarray]:
+        root, sample = args
+        images = [load_resized(os.path.join(root, scale, sample.filename + IMAGE_SUFFIX),
+                               self._image_size) for scale in self._scales]
+        return sample, np.stack(images)
+
+    def _generate_examples(self, manual_dir: str):
+        jobs = ((manual_dir, s) for s in self._samples)
+        for i, (sample, images) in enumerate(ordered_imap(self._load, jobs, self._num_workers)):
+            yield i, {"images": images, "label": sample.label, "num_id": sample.num_id,
+                      "filename": sample.filename}
