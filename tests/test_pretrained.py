@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 import urllib.error
 import urllib.request
 

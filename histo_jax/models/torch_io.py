@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import logging
 import os
 import pathlib
