@@ -29,8 +29,9 @@ def maybe_initialize_distributed() -> None:
         )
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D ``'data'`` mesh over ``devices`` (default: every device of every process)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -41,9 +42,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def check_batch_size(global_batch: int, what: str = "batch_size") -> int:
+def check_batch_size(global_batch: int, what: str = "batch_size", mesh: Mesh | None = None) -> int:
     """Returns the per-process batch; explains the fix when the batch does not divide."""
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    n_dev = mesh.size if mesh is not None else jax.device_count()
+    n_proc = jax.process_count()
     if global_batch % n_dev:
         raise ValueError(
             f"config.{what}={global_batch} does not divide by the {n_dev} devices in use. "

@@ -73,7 +73,7 @@ def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
         labels = batch["labels"]
 
         def loss_fn(params):
-            model = nnx.merge(graphs.train, params, state.batch_stats)
+            model = nnx.merge(graphs.train, params, state.batch_stats, copy=True)
             logits, _ = model(images, rngs=nnx.Rngs(dropout=dropout_key))
             loss = weighted_cross_entropy(logits, labels, class_weights)
             return loss, (logits, nnx.state(model, nnx.BatchStat))
@@ -97,7 +97,7 @@ def make_eval_step(graphs: ModelGraphs, normalization: str) -> Callable:
     """Builds ``eval_step(params, batch_stats, images) -> (logits, attention)``."""
 
     def eval_step(params, batch_stats, images):
-        model = nnx.merge(graphs.eval, params, batch_stats)
+        model = nnx.merge(graphs.eval, params, batch_stats, copy=True)
         logits, attention = model(augment.preprocess(images, normalization))
         return logits.astype(jnp.float32), attention.astype(jnp.float32)
 

@@ -154,8 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              np.round(weights, 4).tolist())
 
     mesh = parallel.make_mesh()
-    local_batch = parallel.check_batch_size(config.batch_size, "batch_size")
-    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    parallel.check_batch_size(config.batch_size, "batch_size", mesh)
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size", mesh)
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(split["train"]) / config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
 
