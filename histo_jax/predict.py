@@ -1,0 +1,219 @@
+"""Classify new samples with a trained run or an original PyTorch checkpoint.
+
+    python -m histo_jax.predict --run=runs/four_scale --data_dir=NEW --out=predictions
+    python -m histo_jax.predict --pytorch=multi_input_model.pth --data_dir=NEW --out=predictions
+
+``NEW`` has the original layout; its labels file is optional. Without it every sample
+present in all used scale folders is predicted; with it, metrics are reported too. The
+folder is validated as for training (every problem reported, nothing substituted).
+
+Writes to ``--out``: ``predictions.csv`` (filename, num_id, predicted class, class
+probabilities, and each input's attention over the inputs), and, as they apply,
+``metrics.json``, ``confusion_matrix.png``, ``roc_curve.png`` and ``attention/<file>.png``
+panels (the N crops side by side with each scale's attention over the scales).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from histo_jax import checkpointing, parallel, plots, steps
+from histo_jax.config import get_base_config
+from histo_jax.data import layout, pipeline, sources
+from histo_jax.metrics import classification_metrics, softmax
+from histo_jax.models import build_model, load_pytorch
+
+log = logging.getLogger(__name__)
+
+
+def load_run(run_dir: str):
+    """Config and best-weight model (eval mode) of a histo_jax training workdir."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: --run must be a histo_jax training "
+                                "workdir (the folder given as --workdir to main.py).")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.model.pretrained = "none"  # the trained weights replace any initialisation
+    model = build_model(config.model, config.num_inputs, nnx.Rngs(params=0))
+    _, params, batch_stats = steps.split_model(model)
+    best = checkpointing.restore_best(run_dir, {"params": params, "batch_stats": batch_stats})
+    if best is None:
+        raise FileNotFoundError(f"{run_dir}/best holds no weights: the run has not finished an "
+                                "epoch yet. Train it (rerun its main.py command) first.")
+    nnx.update(model, best[0]["params"], best[0]["batch_stats"])
+    model.eval()
+    return config, model
+
+
+def load_pytorch_run(path: str, image_size: int = 224):
+    """An original-project checkpoint as (config, model); reference preprocessing ([0, 1])."""
+    model = load_pytorch(path)
+    n = getattr(model, "num_inputs", None)
+    if n is None:
+        raise ValueError(f"{path} holds an encoder only (no fusion head): prediction needs a "
+                         "checkpoint of the original MultiInputModule.")
+    config = get_base_config()
+    config.num_inputs = n
+    config.data.image_size = image_size
+    config.data.normalization = "none"
+    return config, model
+
+
+def _tta_views(images):
+    """Identity, horizontal, vertical and both flips of (B, N, H, W, 3) images."""
+    return [images, images[:, :, :, ::-1], images[:, :, ::-1], images[:, :, ::-1, ::-1]]
+
+
+def predict_folder(config: ml_collections.ConfigDict, model: nnx.Module, data_dir: str, out_dir: str,
+                   *, tta: bool = False, panels: int | Sequence[str] = 4, batch_size: int | None = None,
+                   num_workers: int | None = None) -> dict:
+    """Predicts every sample of ``data_dir``; returns a summary (and metrics when labelled)."""
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.dir = data_dir
+    if num_workers is not None:
+        data_cfg.num_workers = num_workers
+    n_in = config.num_inputs
+    data_cfg.scales = tuple(data_cfg.scales)[:n_in]
+    report = layout.validate_dataset(data_cfg, data_dir, require_labels=False)
+    for line in report.format().splitlines():
+        log.info(line)
+    report.raise_if_errors()
+    source = sources.FolderSource(data_cfg, data_dir, samples=report.samples)
+    if len(source) == 0:
+        raise ValueError(f"{data_dir}: no sample is present in all of {list(data_cfg.scales)}.")
+
+    mesh = parallel.make_mesh()
+    batch_size = batch_size or config.eval_batch_size
+    batch_size = max(jax.device_count(), batch_size // jax.device_count() * jax.device_count())
+    graphs, params, batch_stats = steps.split_model(model)
+    repl = parallel.replicated(mesh)
+    params, batch_stats = jax.device_put((params, batch_stats), repl)
+    step = steps.make_eval_step(graphs, data_cfg.normalization)
+
+    def eval_fn(p, s, images):
+        if not tta:
+            return step(p, s, images)
+        outs = [step(p, s, v) for v in _tta_views(images)]
+        probs = sum(jax.nn.softmax(o[0], -1) for o in outs) / len(outs)
+        return jax.numpy.log(probs), sum(o[1] for o in outs) / len(outs)
+
+    eval_fn = jax.jit(eval_fn, in_shardings=(repl, repl, parallel.batch_sharding(mesh)))
+    loader = pipeline.make_eval_loader(
+        source, np.arange(len(source)), global_batch_size=batch_size, num_inputs=n_in,
+        num_workers=data_cfg.num_workers, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    from histo_jax.train import evaluate_dataset  # noqa: PLC0415 - avoids an import cycle
+    ev = evaluate_dataset(eval_fn, params, batch_stats, loader, mesh, progress=True, desc="predict")
+    probs = softmax(ev["logits"].astype(np.float64))
+    names = list(data_cfg.class_names)
+    scales = list(data_cfg.scales)
+    summary = {"num_samples": int(len(ev["index"])), "tta": tta, "data_dir": data_dir,
+               "scales": scales}
+    if jax.process_index() != 0:
+        return summary
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "predictions.csv")
+    labelled = bool(np.all(ev["labels"] >= 0))
+    with open(csv_path, "w", encoding="utf-8") as f:
+        cols = ["filename", "num_id"] + (["label"] if labelled else []) + ["predicted", "predicted_label"]
+        cols += [f"prob_{c}" for c in names]
+        cols += [f"attn_{scales[i]}_to_{scales[j]}" for i in range(n_in) for j in range(n_in)]
+        f.write(",".join(cols) + "\n")
+        for k, idx in enumerate(ev["index"]):
+            pred = int(probs[k].argmax())
+            vals = [source.filenames[idx], source.num_ids[idx]]
+            vals += ([str(int(ev["labels"][k]))] if labelled else []) + [names[pred], str(pred)]
+            vals += [f"{p:.6f}" for p in probs[k]] + [f"{a:.6f}" for a in ev["attention"][k].ravel()]
+            f.write(",".join(vals) + "\n")
+    summary["predictions"] = csv_path
+    if labelled:
+        m = classification_metrics(ev["labels"], ev["logits"], len(names))
+        summary["metrics"] = m
+        plots.confusion_matrix(np.asarray(m["confusion_matrix"]), names,
+                               os.path.join(out_dir, "confusion_matrix.png"), title="Confusion matrix")
+        if len(names) == 2 and len(np.unique(ev["labels"])) == 2:
+            plots.roc_curve(ev["labels"], probs[:, 1], os.path.join(out_dir, "roc_curve.png"), title="ROC")
+        log.info("macro-F1 %.4f, accuracy %.4f, AUROC %.4f on %d labelled samples",
+                 m["macro_f1"], m["accuracy"], m["auroc"], m["num_samples"])
+    summary["panels"] = _attention_panels(source, ev, probs, names, panels, out_dir)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log.info("%d predictions -> %s", len(ev["index"]), csv_path)
+    return summary
+
+
+def _attention_panels(source, ev, probs, names, panels, out_dir) -> list[str]:
+    """Panels for the chosen file names, or for the first ``panels`` samples of each predicted class."""
+    pos = {int(idx): k for k, idx in enumerate(ev["index"])}
+    if isinstance(panels, int):
+        chosen = []
+        pred = probs.argmax(-1)
+        for c in range(probs.shape[1]):
+            ks = np.flatnonzero(pred == c)
+            ks = ks[np.argsort(-probs[ks, c])][: max(1, panels // probs.shape[1]) if panels else 0]
+            chosen += [int(ev["index"][k]) for k in ks]
+    else:
+        by_name = {f: i for i, f in enumerate(source.filenames)}
+        unknown = [f for f in panels if f not in by_name]
+        if unknown:
+            raise ValueError(f"--panels names files that are not in the predicted set: {unknown}")
+        chosen = [by_name[f] for f in panels]
+    paths = []
+    for idx in chosen:
+        k = pos[idx]
+        images = source[idx]["images"]
+        title = (f"{source.filenames[idx]}: predicted {names[int(probs[k].argmax())]} "
+                 f"(p={probs[k].max():.2f})")
+        if ev["labels"][k] >= 0:
+            title += f", true {names[int(ev['labels'][k])]}"
+        paths.append(plots.attention_panel(images, ev["attention"][k], list(source.scales),
+                                           os.path.join(out_dir, "attention", f"{source.filenames[idx]}.png"),
+                                           title=title))
+    return paths
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    flags.DEFINE_string("run", None, "A histo_jax training workdir (its best weights are used).")
+    flags.DEFINE_string("pytorch", None, "Or: a checkpoint of the original PyTorch project (.pth/.safetensors).")
+    flags.DEFINE_string("data_dir", None, "Folder in the original layout; labels file optional.", required=True)
+    flags.DEFINE_string("out", "predictions", "Output folder.")
+    flags.DEFINE_bool("tta", False, "Test-time augmentation: average over the 4 flips.")
+    flags.DEFINE_list("panels", ["4"], "Attention panels: a number (per predicted class, most "
+                      "confident first) or file names (without .png).")
+    flags.DEFINE_integer("batch_size", None, "Global batch (default: the run's eval_batch_size).")
+    flags.DEFINE_integer("image_size", 224, "Image size for --pytorch checkpoints.")
+    flags.DEFINE_integer("num_workers", None, "Grain worker processes (default: the run's).")
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    parallel.maybe_initialize_distributed()
+    if bool(FLAGS.run) == bool(FLAGS.pytorch):
+        raise app.UsageError("Give exactly one of --run=WORKDIR or --pytorch=CHECKPOINT.")
+    if FLAGS.run:
+        config, model = load_run(FLAGS.run)
+    else:
+        config, model = load_pytorch_run(FLAGS.pytorch, FLAGS.image_size)
+    panels = FLAGS.panels
+    panels = int(panels[0]) if len(panels) == 1 and panels[0].isdigit() else list(panels)
+    predict_folder(config, model, FLAGS.data_dir, FLAGS.out, tta=FLAGS.tta, panels=panels,
+                   batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
