@@ -141,3 +141,17 @@ def test_folder_source_for_prediction(data_dir, tmp_path):
         src[2]
     with pytest.raises(layout.DataValidationError, match="labels.csv"):
         sources.FolderSource(cfg, require_labels=True)
+
+
+def test_prepare_decodes_each_file_once(data_dir, tmp_path, monkeypatch):
+    from histo_jax.data import layout as layout_mod
+
+    calls = []
+    original = layout_mod._open_rgb
+    monkeypatch.setattr(layout_mod, "_open_rgb", lambda p: calls.append(p) or original(p))
+    cfg = _cfg(data_dir, tmp_path)
+    src = sources.load_dataset(cfg, log=lambda m: None)
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 20 * 4
+    assert not list((tmp_path / "prepared").glob("*/resized.tmp.npy"))
+    np.testing.assert_array_equal(src[2]["images"], _direct(data_dir, cfg.scales,
+                                                            src.filenames[2], 32))

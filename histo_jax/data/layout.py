@@ -528,38 +528,45 @@ def _check_dataset_level(report: ValidationReport, data_cfg) -> None:
             return
 
 
-def _check_one(args: tuple[str, str, str]) -> tuple[str, str, tuple[int, int] | None, Issue | None]:
-    """Decodes one file; returns (scale, filename, size or None, issue or None)."""
-    data_dir, scale, filename = args
+def _check_one(args: tuple[str, str, str, int | None]) -> tuple:
+    """Decodes one file -> (scale, filename, size or None, issue or None, resized or None)."""
+    data_dir, scale, filename, resize_to = args
     rel = f"{scale}/{filename}{IMAGE_SUFFIX}"
     try:
         im, warning = _open_rgb(os.path.join(data_dir, rel))
     except BadImageError as e:
-        return scale, filename, None, Issue(e.kind, f"{rel}: {e.reason}", filename)
+        return scale, filename, None, Issue(e.kind, f"{rel}: {e.reason}", filename), None
     size = im.size
     if size[0] != size[1]:
         return scale, filename, size, Issue(
             "not_square", f"{rel}: {size[0]}x{size[1]} px is not square (it would be distorted "
-            f"by the square resize)", filename)
-    if warning:
-        return scale, filename, size, Issue("converted_mode", f"{rel}: {warning}", filename)
-    return scale, filename, size, None
+            f"by the square resize)", filename), None
+    resized = resize_rgb(im, resize_to) if resize_to else None
+    issue = Issue("converted_mode", f"{rel}: {warning}", filename) if warning else None
+    return scale, filename, size, issue, resized
 
 
 def validate_dataset(data_cfg, data_dir: str | None = None, *, require_labels: bool = True,
-                     decode: bool = True, progress: bool = False) -> ValidationReport:
+                     decode: bool = True, progress: bool = False,
+                     on_resized: Callable[[str, int, np.ndarray], None] | None = None
+                     ) -> ValidationReport:
     """Full validation: structural scan, then (``decode``) every used image decoded.
 
     Images are decoded in a thread pool of ``data_cfg.num_workers`` threads. The skip
     policy of ``data_cfg.on_bad_sample`` is applied last. Never raises for bad data:
     inspect ``report.ok`` or call ``report.raise_if_errors()``.
+
+    ``on_resized(filename, scale_position, image)``, when given, receives every good
+    crop resized to ``data_cfg.image_size``, so that preparation decodes each file once.
     """
     report = _scan(data_cfg, data_dir, require_labels)
     if decode:
         report.decoded = True
         missing = {(i.filename, i.scale) for i in report.issues if i.kind == "missing_file"}
         missing_scales = {i.scale for i in report.issues if i.kind == "missing_scale_folder"}
-        jobs = [(report.data_dir, scale, s.filename)
+        resize_to = int(data_cfg.image_size) if on_resized is not None else None
+        scale_position = {scale: k for k, scale in enumerate(report.scales)}
+        jobs = [(report.data_dir, scale, s.filename, resize_to)
                 for s in report.samples for scale in report.scales
                 if scale not in missing_scales and (s.filename, scale) not in missing]
         results = ordered_imap(_check_one, jobs, _cfg_get(data_cfg, "num_workers", 2))
@@ -567,9 +574,11 @@ def validate_dataset(data_cfg, data_dir: str | None = None, *, require_labels: b
             from tqdm import tqdm
             results = tqdm(results, total=len(jobs), desc="validating images", unit="img")
         sizes: dict[str, dict[str, tuple[int, int]]] = collections.defaultdict(dict)
-        for scale, filename, size, issue in results:
+        for scale, filename, size, issue, resized in results:
             if issue is not None:
                 report.issues.append(issue)
+            if resized is not None:
+                on_resized(filename, scale_position[scale], resized)
             if size is not None and size[0] == size[1]:
                 sizes[scale][filename] = size
         for scale in report.scales:

@@ -10,10 +10,13 @@
    ``on_bad_sample`` and the prepared format version;
 3. if ``<root>/<fingerprint[:16]>/`` holds a completed preparation with that
    fingerprint it is REUSED (no decoding at all); otherwise
-4. full validation (every image decoded) — bad data is never prepared; with
-   ``on_bad_sample='skip'`` the skipped samples are excluded and listed — then the
-   TFDS builder (``histo_jax.data.tfds_builder``) writes the records and a metadata
-   file ``histo_jax_prepared.json`` is written LAST, atomically (completion marker).
+4. full validation (every image decoded, in a thread pool) — bad data is never
+   prepared; with ``on_bad_sample='skip'`` the skipped samples are excluded and
+   listed. Validation keeps each crop resized (PIL antialiased bilinear) in a
+   temporary memory-mapped array inside the output folder, so every file is decoded
+   ONCE; then the TFDS builder (``histo_jax.data.tfds_builder``) writes the records
+   from it, the temporary array is deleted, and a metadata file
+   ``histo_jax_prepared.json`` is written LAST, atomically (completion marker).
 
 ``<root>`` is ``data_cfg.prepared_dir`` if set, else ``$HISTO_JAX_CACHE/datasets``
 (default ``$XDG_CACHE_HOME/histo_jax/datasets``, i.e. ``~/.cache/histo_jax/datasets``).
@@ -29,6 +32,8 @@ import os
 import shutil
 import time
 from typing import Callable
+
+import numpy as np
 
 from histo_jax.data.layout import (IMAGE_SUFFIX, DataValidationError, Sample, scan_folder,
                                    validate_dataset)
@@ -136,17 +141,39 @@ def prepare_dataset(data_cfg, data_dir: str | None = None, *,
             log(f"Reusing prepared dataset {path} ({len(prepared.samples)} samples, unchanged "
                 f"source {data_dir}).")
             return prepared
-    report = validate_dataset(data_cfg, data_dir, progress=progress)
-    if not report.ok:
-        raise DataValidationError(report)
-    if report.warnings or report.skipped:
-        log(report.format())
     if os.path.exists(path):  # A crashed earlier build of ours: no completion marker.
         shutil.rmtree(path)
-    log(f"Preparing {len(report.samples)} samples x {len(report.scales)} scales at "
-        f"{data_cfg.image_size} px into {path}")
+    os.makedirs(path)
     start = time.perf_counter()
-    _build(data_cfg, data_dir, report.samples, os.path.join(path, "tfds"))
+    # Validation decodes every file once and keeps the resized crops in a temporary
+    # memory-mapped array, so that the build itself decodes nothing again.
+    size, num_scales = int(data_cfg.image_size), len(data_cfg.scales)
+    resized_path = os.path.join(path, "resized.tmp.npy")
+    resized = np.lib.format.open_memmap(resized_path, mode="w+", dtype=np.uint8,
+                                        shape=(max(1, scan.num_candidates), num_scales,
+                                               size, size, 3))
+    rows: dict[str, int] = {}
+
+    def keep(filename: str, k: int, image: np.ndarray) -> None:
+        resized[rows.setdefault(filename, len(rows)), k] = image
+
+    try:
+        log(f"Validating {scan.num_candidates} samples x {num_scales} scales "
+            f"(each image decoded once)")
+        report = validate_dataset(data_cfg, data_dir, progress=progress, on_resized=keep)
+        if not report.ok:
+            raise DataValidationError(report)
+        if report.warnings or report.skipped:
+            log(report.format())
+        log(f"Preparing {len(report.samples)} samples x {num_scales} scales at {size} px "
+            f"into {path}")
+        _build(data_cfg, report.samples, os.path.join(path, "tfds"), resized, rows, data_dir)
+    except BaseException:
+        del resized
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    del resized
+    os.remove(resized_path)
     meta = {
         "format": PREPARED_FORMAT,
         "fingerprint": fingerprint,
@@ -167,7 +194,8 @@ def prepare_dataset(data_cfg, data_dir: str | None = None, *,
     return read_prepared(path)
 
 
-def _build(data_cfg, data_dir: str, samples: list[Sample], tfds_dir: str) -> None:
+def _build(data_cfg, samples: list[Sample], tfds_dir: str, resized: np.ndarray,
+           rows: dict[str, int], data_dir: str) -> None:
     """Runs the TFDS builder (it shows its own progress bar, examples/s)."""
     import tensorflow_datasets as tfds
 
@@ -175,6 +203,7 @@ def _build(data_cfg, data_dir: str, samples: list[Sample], tfds_dir: str) -> Non
 
     builder = HistoJaxDataset(scales=tuple(data_cfg.scales), image_size=int(data_cfg.image_size),
                               samples=samples, num_workers=int(data_cfg.get("num_workers", 2)),
+                              preloaded=resized, preloaded_rows=rows,
                               data_dir=tfds_dir, file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_dir))

@@ -14,14 +14,16 @@ per record, against ~2.4 ms for the same crops stored as PNG ``Image`` features
 compression keeps the file size close to PNG. So images are stored as raw uint8
 tensors (BYTES encoding).
 
-Decoding + resizing runs in a thread pool (``num_workers`` threads) while TFDS
-shows its progress bar (examples/s). The builder's constructor takes the samples to
+Crops come either from ``preloaded`` (resized during validation by
+``prepare_dataset``, so each file is decoded once) or are decoded + resized here;
+both run in a thread pool (``num_workers`` threads) while TFDS shows its progress
+bar (examples/s). The builder's constructor takes the samples to
 write: use ``histo_jax.data.prepare.prepare_dataset`` rather than building directly.
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,12 +43,19 @@ class HistoJaxDataset(tfds.core.GeneratorBasedBuilder):
         "`python -m histo_jax.data prepare --help`.")
 
     def __init__(self, *, scales: Sequence[str], image_size: int,
-                 samples: Sequence[Sample] = (), num_workers: int = 2, **kwargs):
+                 samples: Sequence[Sample] = (), num_workers: int = 2,
+                 preloaded: np.ndarray | None = None,
+                 preloaded_rows: Mapping[str, int] | None = None, **kwargs):
+        """``preloaded[preloaded_rows[filename]]``, when given, holds a sample's resized
+        crops (K, S, S, 3), already decoded during validation; otherwise the builder
+        decodes the manual dir's files."""
         # Set before super().__init__, which calls _info().
         self._scales = tuple(scales)
         self._image_size = int(image_size)
         self._samples = list(samples)
         self._num_workers = int(num_workers)
+        self._preloaded = preloaded
+        self._preloaded_rows = dict(preloaded_rows or {})
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -72,6 +81,8 @@ class HistoJaxDataset(tfds.core.GeneratorBasedBuilder):
 
     def _load(self, args: tuple[str, Sample]) -> tuple[Sample, np.ndarray]:
         root, sample = args
+        if self._preloaded is not None:
+            return sample, np.array(self._preloaded[self._preloaded_rows[sample.filename]])
         images = [load_resized(os.path.join(root, scale, sample.filename + IMAGE_SUFFIX),
                                self._image_size) for scale in self._scales]
         return sample, np.stack(images)
