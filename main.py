@@ -8,10 +8,9 @@ Rerunning a command with the same workdir resumes it. Without --config.data.dir 
 embedded demo dataset is used (generated on first use).
 """
 
-import logging
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from histo_jax import grid, parallel, train
@@ -26,7 +25,7 @@ flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, pictures
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    logging.set_verbosity(logging.INFO)
     parallel.maybe_initialize_distributed()
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join(

@@ -84,13 +84,13 @@ def ensure_demo_dataset(path: str = "") -> str:
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Balanced class weights n / (C * count_c), as scikit-learn's ``compute_class_weight``."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    """Balanced class weights of the training split; every class must be present."""
+    counts = np.bincount(labels, minlength=num_classes)
     if np.any(counts == 0):
         missing = [c for c in range(num_classes) if counts[c] == 0]
         raise ValueError(f"The training split has no sample of class(es) {missing}; "
                          "the dataset is too small or too unbalanced to train on.")
-    return (len(labels) / (num_classes * counts)).astype(np.float32)
+    return pipeline.balanced_class_weights(labels, num_classes).astype(np.float32)
 
 
 def evaluate_dataset(eval_fn, params, batch_stats, loader, mesh, *, progress: bool = False,
@@ -98,7 +98,7 @@ def evaluate_dataset(eval_fn, params, batch_stats, loader, mesh, *, progress: bo
     """Runs ``eval_fn`` over every batch of an eval loader; returns host arrays of the real
     (unpadded) samples: ``logits``, ``attention``, ``labels``, ``index``."""
     out = {k: [] for k in ("logits", "attention", "labels", "index")}
-    bar = tqdm(total=len(loader.indices) if hasattr(loader, "indices") else None, desc=desc,
+    bar = tqdm(total=getattr(loader, "num_samples", None), desc=desc,
                unit="samples", disable=not progress or jax.process_index() != 0, leave=False)
     for local in loader:
         batch = parallel.global_batch(mesh, local)
@@ -208,31 +208,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    disable=not (config.progress and primary), leave=False)
         t0 = time.time()
         pending = []
+        step = int(state.step)  # host copy: no device sync per step
+
+        def flush():
+            """Fetches pending step metrics: NaN guard, epoch sums, scalars."""
+            host = jax.device_get(pending)
+            pending.clear()
+            for k, hm in enumerate(host):
+                if not np.isfinite(hm["loss"]):
+                    raise NonFiniteLossError(
+                        f"Non-finite training loss ({hm['loss']}) at step {step - len(host) + k + 1} "
+                        f"(epoch {epoch + 1}). The last good checkpoint is kept in "
+                        f"{ckpt.latest.directory} (a rerun resumes from it). Lower "
+                        "--config.optimizer.learning_rate or check the input data.")
+                meta["sums"][0] += float(hm["loss"])
+                meta["sums"][1] += float(hm["accuracy"])
+                meta["sums"][2] += 1
+            if host:
+                writer.write(step, {"train/loss": host[-1]["loss"], "train/grad_norm": host[-1]["grad_norm"],
+                                    "train/lr": float(lr_schedule(step - 1))}, epoch=epoch + 1)
+                bar.set_postfix(loss=f"{host[-1]['loss']:.4f}")
+
         while meta["step_in_epoch"] < steps_per_epoch:
             batch = parallel.global_batch(mesh, next(train_iter))
             state, m = train_step(state, {"images": batch["images"], "labels": batch["labels"]}, base_key)
             pending.append(m)
             meta["step_in_epoch"] += 1
+            step += 1
             bar.update(config.batch_size)
-            step = int(state.step)
             last_of_epoch = meta["step_in_epoch"] == steps_per_epoch
-            if step % config.log_every_steps == 0 or last_of_epoch:
-                host = jax.device_get(pending)
-                pending = []
-                for hm in host:
-                    if not np.isfinite(hm["loss"]):
-                        raise NonFiniteLossError(
-                            f"Non-finite training loss ({hm['loss']}) at step {step} of epoch {epoch + 1}. "
-                            f"The last good checkpoint is kept in {ckpt.latest.directory} (rerun resumes "
-                            "from it). Lower --config.optimizer.learning_rate or check the input data.")
-                    meta["sums"][0] += float(hm["loss"])
-                    meta["sums"][1] += float(hm["accuracy"])
-                    meta["sums"][2] += 1
-                writer.write(step, {"train/loss": host[-1]["loss"], "train/grad_norm": host[-1]["grad_norm"],
-                                    "train/lr": float(lr_schedule(step - 1))}, epoch=epoch + 1)
-                bar.set_postfix(loss=f"{host[-1]['loss']:.4f}")
-            if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                    and not last_of_epoch):
+            save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                        and not last_of_epoch)
+            if step % config.log_every_steps == 0 or last_of_epoch or save_now:
+                flush()
+            if save_now:
                 save_latest()
         bar.close()
         train_time = time.time() - t0

@@ -1,0 +1,175 @@
+"""The trainer end to end on a tiny model: outputs, exact resume after SIGKILL, NaN guard, grid."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import datagen
+from histo_jax import grid, train
+from histo_jax.config import get_base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir: str, prepared_dir: str, cache_dir: str = ""):
+    """2 inputs, 32 px, tiny encoder, 4 epochs x 3 steps: fast but the full procedure."""
+    c = get_base_config()
+    c.data.dir, c.data.prepared_dir = data_dir, prepared_dir
+    c.data.image_size, c.data.num_workers = 32, 0
+    c.model.variant = "tiny"
+    c.num_inputs, c.batch_size, c.eval_batch_size = 2, 8, 8
+    c.num_epochs, c.patience = 4, 15
+    c.checkpoint_every_steps = 2
+    c.progress = False
+    c.compilation_cache_dir = cache_dir
+    return c
+
+
+def _flags(c) -> list[str]:
+    """The command-line overrides that turn configs/four_scale.py into ``c``."""
+    return [f"--config.data.dir={c.data.dir}", f"--config.data.prepared_dir={c.data.prepared_dir}",
+            "--config.data.image_size=32", "--config.data.num_workers=0",
+            "--config.model.variant=tiny", "--config.model.pretrained=none",
+            "--config.num_inputs=2", "--config.batch_size=8", "--config.eval_batch_size=8",
+            "--config.num_epochs=4", "--config.checkpoint_every_steps=2", "--config.progress=False",
+            f"--config.compilation_cache_dir={c.compilation_cache_dir}"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted tiny run (4 simulated devices), shared by the tests below."""
+    root = tmp_path_factory.mktemp("train")
+    datagen.write_valid_dataset(str(root / "data"), num_ids=12, per_id=3)
+    c = tiny_config(str(root / "data"), str(root / "prepared"), str(root / "jax_cache"))
+    workdir = str(root / "run")
+    result = train.train_and_evaluate(c, workdir)
+    return {"root": root, "config": c, "workdir": workdir, "result": result}
+
+
+def test_run_writes_metrics_and_artifacts(trained):
+    wd, result = trained["workdir"], trained["result"]
+    on_disk = json.load(open(os.path.join(wd, "metrics.json")))
+    assert on_disk == json.loads(json.dumps(result))
+    for key in ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "confusion_matrix"):
+        assert key in result
+    assert np.asarray(result["confusion_matrix"]).sum() == result["num_samples"] > 0
+    for name in ("config.json", "splits.json", "metrics.jsonl", "test_predictions.csv",
+                 "training_curves.png", "confusion_matrix.png"):
+        path = os.path.join(wd, name)
+        assert os.path.getsize(path) > 0, name
+    assert os.listdir(os.path.join(wd, "tensorboard"))
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    epochs = [r for r in rows if "epoch/val_macro_f1" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert any("train/loss" in r for r in rows) and any("test/macro_f1" in r for r in rows)
+    split = json.load(open(os.path.join(wd, "splits.json")))
+    assert set(split) >= {"train", "val", "test"}
+    assert json.load(open(os.path.join(wd, "config.json")))["num_inputs"] == 2
+    # The best epoch's validation F1 is the maximum of the history.
+    assert result["best_val_macro_f1"] == max(r["epoch/val_macro_f1"] for r in epochs)
+    header = open(os.path.join(wd, "test_predictions.csv")).readline().strip().split(",")
+    assert header[:4] == ["filename", "num_id", "label", "predicted"]
+    assert "attn_high_mag_1024_to_high_mag_2048" in header
+
+
+def test_rerun_of_finished_run_returns_its_metrics(trained):
+    again = train.train_and_evaluate(trained["config"], trained["workdir"])
+    assert again == json.loads(json.dumps(trained["result"]))
+
+
+def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(trained, tmp_path):
+    """Kill the training process mid-epoch; the same command resumes and ends identically."""
+    c = trained["config"]
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/four_scale.py",
+           f"--workdir={workdir}", *_flags(c)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Step 4 is mid-epoch 2 (3 steps per epoch, a checkpoint every 2 steps).
+    target = os.path.join(workdir, "checkpoints", "4")
+    deadline = time.time() + 600
+    while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Resumed from" in out.stderr
+    resumed = json.load(open(os.path.join(workdir, "metrics.json")))
+    expected = json.loads(json.dumps(trained["result"]))
+    for key in ("macro_f1", "accuracy", "auroc", "confusion_matrix", "best_epoch", "best_val_macro_f1"):
+        assert resumed[key] == expected[key], key
+
+    def epoch_rows(wd):
+        rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+        return {r["epoch"]: (r["epoch/train_loss"], r["epoch/val_macro_f1"], r["epoch/val_loss"])
+                for r in rows if "epoch/val_macro_f1" in r}
+    got, want = epoch_rows(workdir), epoch_rows(trained["workdir"])
+    assert sorted(got) == [1, 2, 3, 4]
+    for e in want:
+        np.testing.assert_allclose(got[e], want[e], rtol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
+    c = tiny_config(trained["config"].data.dir, trained["config"].data.prepared_dir,
+                    trained["config"].compilation_cache_dir)
+    c.optimizer.learning_rate = 1e30
+    c.optimizer.grad_clip_norm = 0.0
+    c.checkpoint_every_steps = 1
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteLossError, match="Non-finite training loss.*last good checkpoint"):
+        train.train_and_evaluate(c, workdir)
+    kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert kept, "the good steps before the divergence were checkpointed"
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    good = [r["step"] for r in rows if "train/loss" in r]
+    assert max(kept) == max(good)  # nothing saved after the non-finite step
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+
+
+def test_grid_summary_and_skip_of_finished_cells(tmp_path, monkeypatch):
+    """results.csv / plot from per-cell metrics; finished cells are not retrained."""
+    c = get_base_config()
+    c.grid.num_inputs, c.grid.runs = (1, 2), (0, 1)
+    f1 = {(1, 0): 0.6, (1, 1): 0.7, (2, 0): 0.8, (2, 1): 0.9}
+    for (n, r), v in f1.items():
+        wd = grid.cell_workdir(str(tmp_path), n, r)
+        os.makedirs(wd)
+        json.dump({"macro_f1": v, "accuracy": v, "balanced_accuracy": v, "auroc": 1.0},
+                  open(os.path.join(wd, "metrics.json"), "w"))
+    seen = []
+    real = train.train_and_evaluate
+
+    def spy(cfg, wd):
+        seen.append((cfg.num_inputs, cfg.run, cfg.seed))
+        assert os.path.exists(os.path.join(wd, "metrics.json")), "a finished cell was retrained"
+        return real(cfg, wd)  # returns the stored metrics without training
+    monkeypatch.setattr(train, "train_and_evaluate", spy)
+    rows = grid.run_grid(c, str(tmp_path))
+    assert seen == [(1, 0, 0), (1, 1, 1), (2, 0, 0), (2, 1, 1)]
+    assert [r["num_inputs"] for r in rows] == [1, 2]
+    np.testing.assert_allclose([r["mean_test_f1"] for r in rows], [0.65, 0.85])
+    np.testing.assert_allclose([r["std_test_f1"] for r in rows], [np.std([.6, .7], ddof=1)] * 2)
+    csv_lines = open(tmp_path / "results.csv").read().splitlines()
+    assert csv_lines[0].startswith("num_inputs,mean_test_f1,std_test_f1,n_runs")
+    assert len(csv_lines) == 3
+    assert os.path.getsize(tmp_path / "f1_vs_scales.png") > 0
+
+
+def test_splits_written_by_the_run_are_leakage_free(trained):
+    split = json.load(open(os.path.join(trained["workdir"], "splits.json")))
+    ids = {k: {f.split("_")[0] for f in split[k]["filenames"]} for k in ("train", "val", "test")}
+    assert all(ids.values())
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    n = sum(len(split[k]["indices"]) for k in ("train", "val", "test"))
+    assert n == 36  # every sample in exactly one split
+    index_sets = [set(split[k]["indices"]) for k in ("train", "val", "test")]
+    assert len(set.union(*index_sets)) == n
