@@ -1,0 +1,173 @@
+"""Multi-input classifier: shared EfficientNet encoder + per-input cross-attention fusion.
+
+Reimplements the reference ``MultiInputModule`` (SPEC section 3) with PyTorch semantics:
+
+* the encoder runs ONCE over all B * N crops (inputs folded into the batch axis);
+* a shared Linear(F -> E) projects each pooled feature to a token;
+* for each input i its own ``nn.MultiheadAttention`` (query = token i, keys = values = all
+  tokens, dropout on the attention weights), then the shared
+  ``LayerNorm1(attended + token_i)`` and ``LayerNorm2(x + FFN(x))``;
+* concatenation in input order -> Dropout -> Linear(E*N -> E) -> ReLU -> Dropout -> Linear(E -> C).
+
+``model(images, rngs=None) -> (logits, attention)`` with images (B, N, H, W, 3) float32,
+logits (B, C) float32 and attention (B, N, N) float32 (row i: input i's weights over all
+inputs, averaged over heads; like PyTorch, in train mode these are the weights after dropout).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from histo_jax.models import layers
+from histo_jax.models.config import DTYPES
+from histo_jax.models.efficientnet import EfficientNet, _check_images
+
+
+def _torch_linear(din: int, dout: int, *, dtype: Any, rngs: nnx.Rngs,
+                  kernel_init=None, zero_bias: bool = False) -> nnx.Linear:
+    """nnx.Linear initialised like PyTorch ``nn.Linear`` (uniform +-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(din)
+    uniform = jax.nn.initializers.uniform(2 * bound)
+
+    def init(key, shape, dtype_=jnp.float32):
+        return uniform(key, shape, dtype_) - bound
+
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=kernel_init or init,
+                      bias_init=jax.nn.initializers.zeros if zero_bias else init, rngs=rngs)
+
+
+class TorchMultiheadAttention(nnx.Module):
+    """``torch.nn.MultiheadAttention`` (packed q, k, v in_proj; batch first; no masks)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads} "
+                             "(histo_jax/models/fusion.py); change model.embed_dim or "
+                             "model.num_heads.")
+        # in_proj kernel (E, 3E) = PyTorch in_proj_weight (3E, E) transposed; xavier uniform.
+        self.in_proj = nnx.Linear(embed_dim, 3 * embed_dim, dtype=dtype, param_dtype=jnp.float32,
+                                  kernel_init=jax.nn.initializers.glorot_uniform(),
+                                  bias_init=jax.nn.initializers.zeros, rngs=rngs)
+        self.out_proj = _torch_linear(embed_dim, embed_dim, dtype=dtype, rngs=rngs,
+                                      zero_bias=True)
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.deterministic = False
+
+    def __call__(self, query: jax.Array, kv: jax.Array,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """query (B, Lq, E), kv (B, L, E) -> output (B, Lq, E), head-averaged weights (B, Lq, L)."""
+        e = query.shape[-1]
+        h, hd = self.num_heads, e // self.num_heads
+        w = self.in_proj.kernel[...].astype(self.in_proj.dtype)
+        b = self.in_proj.bias[...].astype(self.in_proj.dtype)
+        q = query.astype(w.dtype) @ w[:, :e] + b[:e]
+        k = kv.astype(w.dtype) @ w[:, e:2 * e] + b[e:2 * e]
+        v = kv.astype(w.dtype) @ w[:, 2 * e:] + b[2 * e:]
+
+        def heads(t):  # (B, L, E) -> (B, h, L, hd)
+            return t.reshape(t.shape[0], t.shape[1], h, hd).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype), k)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        if not self.deterministic and self.dropout > 0.0:
+            weights = layers.dropout(weights, self.dropout,
+                                     layers.next_key(rngs, "MultiInputClassifier"))
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+        out = out.transpose(0, 2, 1, 3).reshape(query.shape[0], query.shape[1], e)
+        return self.out_proj(out), jnp.mean(weights, axis=1)
+
+
+class MultiInputClassifier(nnx.Module):
+    """Shared encoder + per-input cross-attention fusion + MLP classifier for N in 1..4 inputs."""
+
+    def __init__(self, num_inputs: int, *, encoder: EfficientNet, embed_dim: int = 128,
+                 num_heads: int = 8, ffn_dim: int = 512, dropout: float = 0.5,
+                 attn_dropout: float = 0.5, num_classes: int = 2, ln_eps: float = 1e-5,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if num_inputs < 1:
+            raise ValueError(f"num_inputs must be >= 1, got {num_inputs}.")
+        self.num_inputs = num_inputs
+        self.encoder = encoder
+        self.dtype = jnp.dtype(dtype)
+        self.proj = _torch_linear(encoder.num_features, embed_dim, dtype=dtype, rngs=rngs)
+        self.attention = nnx.List([
+            TorchMultiheadAttention(embed_dim, num_heads, dropout=attn_dropout, dtype=dtype,
+                                    rngs=rngs) for _ in range(num_inputs)])
+        self.norm1 = nnx.LayerNorm(embed_dim, epsilon=ln_eps, use_fast_variance=False,
+                                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(embed_dim, epsilon=ln_eps, use_fast_variance=False,
+                                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.ffn1 = _torch_linear(embed_dim, ffn_dim, dtype=dtype, rngs=rngs)
+        self.ffn2 = _torch_linear(ffn_dim, embed_dim, dtype=dtype, rngs=rngs)
+        self.fc1 = _torch_linear(embed_dim * num_inputs, embed_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = _torch_linear(embed_dim, num_classes, dtype=dtype, rngs=rngs)
+        self.dropout = dropout
+        self.deterministic = False
+
+    def _drop(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        if self.deterministic or self.dropout <= 0.0:
+            return x
+        return layers.dropout(x, self.dropout, layers.next_key(rngs, "MultiInputClassifier"))
+
+    def __call__(self, images: jax.Array,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """images (B, N, H, W, 3) -> logits (B, C) float32, attention (B, N, N) float32."""
+        _check_images(images, 5, "MultiInputClassifier")
+        b, n = images.shape[:2]
+        if n != self.num_inputs:
+            raise ValueError(f"MultiInputClassifier was built for {self.num_inputs} inputs but "
+                             f"got images with N = {n} (shape {tuple(images.shape)}).")
+        feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs)  # (B*N, F)
+        tokens = self.proj(feats.astype(self.dtype)).reshape(b, n, -1)          # (B, N, E)
+        fused, attn = [], []
+        for i, mha in enumerate(self.attention):
+            q = tokens[:, i:i + 1]
+            attended, w = mha(q, tokens, rngs)
+            x = self.norm1(attended + q)
+            ffn = self.ffn2(self._drop(jax.nn.relu(self.ffn1(x)), rngs))
+            x = self.norm2(x + ffn)
+            fused.append(x[:, 0])
+            attn.append(w[:, 0])
+        z = jnp.concatenate(fused, axis=-1)
+        z = jax.nn.relu(self.fc1(self._drop(z, rngs)))
+        logits = self.fc2(self._drop(z, rngs))
+        return logits.astype(jnp.float32), jnp.stack(attn, axis=1).astype(jnp.float32)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_inputs: int,
+                rngs: nnx.Rngs) -> MultiInputClassifier:
+    """Build the classifier from ``get_model_config()`` fields; load ``model_cfg.pretrained``.
+
+    ``pretrained``: 'none', 'imagenet' (torchvision IMAGENET1K_V1 encoder weights, downloaded
+    and cached by :mod:`histo_jax.models.pretrained`) or a path to a PyTorch file (a backbone in
+    torchvision or timm names, or a full reference ``MultiInputModule`` checkpoint).
+    The model is returned in train mode (call ``.eval()`` for inference).
+    """
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype {model_cfg.dtype!r} is not supported; use one of {DTYPES}.")
+    dtype = jnp.dtype(model_cfg.dtype)
+    encoder = EfficientNet(
+        variant=model_cfg.variant, width_mult=model_cfg.width_mult,
+        depth_mult=model_cfg.depth_mult, stochastic_depth=model_cfg.stochastic_depth,
+        depthwise=model_cfg.depthwise, bn_eps=model_cfg.bn_eps,
+        bn_momentum=model_cfg.bn_momentum, dtype=dtype, rngs=rngs)
+    model = MultiInputClassifier(
+        num_inputs, encoder=encoder, embed_dim=model_cfg.embed_dim,
+        num_heads=model_cfg.num_heads, ffn_dim=model_cfg.ffn_dim, dropout=model_cfg.dropout,
+        attn_dropout=model_cfg.attn_dropout, num_classes=model_cfg.num_classes,
+        ln_eps=model_cfg.ln_eps, dtype=dtype, rngs=rngs)
+    pretrained = str(model_cfg.get("pretrained", "none") or "none")
+    if pretrained != "none":
+        from histo_jax.models import convert  # local import: convert imports this module
+        convert.load_pretrained(model, pretrained)
+    model.train()
+    return model

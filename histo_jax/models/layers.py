@@ -1,0 +1,187 @@
+"""Building blocks with PyTorch semantics: convolutions, depthwise convolution, BatchNorm, dropout.
+
+Layout is NHWC for activations and HWIO for kernels (depthwise kernels are (k, k, 1, C)).
+Padding is always symmetric ``(k - 1) // 2`` (PyTorch ``padding=k // 2`` for odd k), also at
+stride 2, where Flax's ``'SAME'`` would pad asymmetrically and break parity with PyTorch.
+
+Modules hold no RNG streams: randomness is passed at call time as ``rngs`` (an ``nnx.Rngs``
+with a ``dropout`` stream). Train / eval behaviour follows the NNX convention: attributes
+``deterministic`` (dropout, stochastic depth) and ``use_running_average`` (BatchNorm) are
+switched by ``module.train()`` / ``module.eval()``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DEPTHWISE_IMPLS = ("auto", "shift", "grouped")
+
+# PyTorch initialisers used by torchvision's EfficientNet (conv: kaiming normal, fan_out).
+conv_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """Map 'auto' to 'shift' on the CPU backend and 'grouped' elsewhere; validate the name."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(
+            f"depthwise implementation {impl!r} is unknown (histo_jax/models/layers.py); "
+            f"use one of {DEPTHWISE_IMPLS}.")
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "grouped"
+    return impl
+
+
+def next_key(rngs: nnx.Rngs | None, where: str) -> jax.Array:
+    """Draw a key from the ``dropout`` stream, or explain how to call the model in train mode."""
+    if rngs is None:
+        raise ValueError(
+            f"{where} is in train mode and needs randomness (dropout / stochastic depth), but no "
+            "rngs were given: call model(x, rngs=nnx.Rngs(dropout=key)), or switch to inference "
+            "with model.eval().")
+    return rngs.dropout()
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout (PyTorch ``nn.Dropout`` in training mode)."""
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def stochastic_depth(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Row-mode stochastic depth (torchvision ``StochasticDepth(p, 'row')``): drop whole samples."""
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    p = (kernel_size - 1) // 2
+    return ((p, p), (p, p))
+
+
+class Conv2d(nnx.Module):
+    """Dense 2-D convolution, NHWC / HWIO, symmetric padding, optional bias."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, *,
+                 use_bias: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(conv_init(rngs.params(), (kernel_size, kernel_size, in_ch, out_ch),
+                                          jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32)) if use_bias else None
+        self.stride = stride
+        self.kernel_size = kernel_size
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+            window_strides=(self.stride, self.stride), padding=_pad(self.kernel_size),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def depthwise_grouped(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv as an XLA grouped convolution; kernel (k, k, 1, C)."""
+    k = kernel.shape[0]
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=_pad(k),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv as a sum of k*k shifted, strided slices times per-channel weights.
+
+    Same numbers as :func:`depthwise_grouped`; its gradient is much faster on XLA:CPU.
+    """
+    k = kernel.shape[0]
+    p = (k - 1) // 2
+    n, h, w, c = x.shape
+    ho = (h + 2 * p - k) // stride + 1
+    wo = (w + 2 * p - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            sl = jax.lax.slice(
+                xp, (0, i, j, 0),
+                (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                (1, stride, stride, 1))
+            term = sl * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv2d(nnx.Module):
+    """Depthwise k x k convolution (no bias), kernel (k, k, 1, C), impl 'shift' or 'grouped'."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, *,
+                 impl: str = "auto", dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(conv_init(rngs.params(), (kernel_size, kernel_size, 1, channels),
+                                          jnp.float32))
+        self.stride = stride
+        self.impl = resolve_depthwise_impl(impl)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fn = depthwise_shift if self.impl == "shift" else depthwise_grouped
+        return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over all but the last axis with exact PyTorch ``BatchNorm2d`` semantics.
+
+    Training normalises with the biased batch variance and updates
+    ``var <- (1 - momentum) * var + momentum * unbiased_batch_var`` (``momentum`` is PyTorch's,
+    0.1). Statistics are computed in float32 whatever the compute dtype.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
+                 dtype: Any = jnp.float32, use_running_average: bool = False):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.eps = eps
+        self.momentum = momentum
+        self.dtype = dtype
+        self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            n = xf.size // xf.shape[-1]
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+        mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+        y = (xf - mean) * mul + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class ConvBN(nnx.Module):
+    """Conv2d (no bias) + BatchNorm + optional SiLU: torchvision ``Conv2dNormActivation``."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, *,
+                 act: bool = True, bn_eps: float = 1e-5, dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.conv = Conv2d(in_ch, out_ch, kernel_size, stride, dtype=dtype, rngs=rngs)
+        self.bn = BatchNorm(out_ch, eps=bn_eps, dtype=dtype)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.bn(self.conv(x))
+        return jax.nn.silu(y) if self.act else y
