@@ -218,7 +218,10 @@ class _GlobalBatchSource:
         else:
             mask = np.array([g < self._num_valid for g in draws])
             keys = [int(self._keys[g if g < self._num_valid else 0]) for g in draws]
-        records = [self._source[k] for k in keys]
+        if hasattr(self._source, "__getitems__"):  # Batched read (ArrayRecord).
+            records = self._source.__getitems__(keys)
+        else:
+            records = [self._source[k] for k in keys]
         images = np.stack([_first_inputs(r["images"], self._num_inputs, k) for r, k in zip(records, keys)])
         batch = {
             "images": images,
