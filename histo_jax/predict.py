@@ -153,15 +153,18 @@ def predict_folder(config: ml_collections.ConfigDict, model: nnx.Module, data_di
 
 
 def _attention_panels(source, ev, probs, names, panels, out_dir) -> list[str]:
-    """Panels for the chosen file names, or for the first ``panels`` samples of each predicted class."""
+    """Panels for the chosen file names, or for ``panels`` samples (most confident per class, in turn)."""
     pos = {int(idx): k for k, idx in enumerate(ev["index"])}
     if isinstance(panels, int):
-        chosen = []
+        # The most confident samples of each predicted class, taken in turn across classes.
         pred = probs.argmax(-1)
-        for c in range(probs.shape[1]):
-            ks = np.flatnonzero(pred == c)
-            ks = ks[np.argsort(-probs[ks, c])][: max(1, panels // probs.shape[1]) if panels else 0]
-            chosen += [int(ev["index"][k]) for k in ks]
+        queues = [list(np.flatnonzero(pred == c)[np.argsort(-probs[pred == c, c], kind="stable")])
+                  for c in range(probs.shape[1])]
+        chosen = []
+        while len(chosen) < min(panels, len(pred)):
+            for q in queues:
+                if q and len(chosen) < panels:
+                    chosen.append(int(ev["index"][q.pop(0)]))
     else:
         by_name = {f: i for i, f in enumerate(source.filenames)}
         unknown = [f for f in panels if f not in by_name]

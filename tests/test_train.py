@@ -10,50 +10,14 @@ import time
 import numpy as np
 import pytest
 
-import datagen
+from runutil import REPO, cli_flags, tiny_config
+
 from histo_jax import grid, train
 from histo_jax.config import get_base_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def tiny_config(data_dir: str, prepared_dir: str, cache_dir: str = ""):
-    """2 inputs, 32 px, tiny encoder, 4 epochs x 3 steps: fast but the full procedure."""
-    c = get_base_config()
-    c.data.dir, c.data.prepared_dir = data_dir, prepared_dir
-    c.data.image_size, c.data.num_workers = 32, 0
-    c.model.variant = "tiny"
-    c.num_inputs, c.batch_size, c.eval_batch_size = 2, 8, 8
-    c.num_epochs, c.patience = 4, 15
-    c.checkpoint_every_steps = 2
-    c.progress = False
-    c.compilation_cache_dir = cache_dir
-    return c
-
-
-def _flags(c) -> list[str]:
-    """The command-line overrides that turn configs/four_scale.py into ``c``."""
-    return [f"--config.data.dir={c.data.dir}", f"--config.data.prepared_dir={c.data.prepared_dir}",
-            "--config.data.image_size=32", "--config.data.num_workers=0",
-            "--config.model.variant=tiny", "--config.model.pretrained=none",
-            "--config.num_inputs=2", "--config.batch_size=8", "--config.eval_batch_size=8",
-            "--config.num_epochs=4", "--config.checkpoint_every_steps=2", "--config.progress=False",
-            f"--config.compilation_cache_dir={c.compilation_cache_dir}"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One uninterrupted tiny run (4 simulated devices), shared by the tests below."""
-    root = tmp_path_factory.mktemp("train")
-    datagen.write_valid_dataset(str(root / "data"), num_ids=12, per_id=3)
-    c = tiny_config(str(root / "data"), str(root / "prepared"), str(root / "jax_cache"))
-    workdir = str(root / "run")
-    result = train.train_and_evaluate(c, workdir)
-    return {"root": root, "config": c, "workdir": workdir, "result": result}
-
-
-def test_run_writes_metrics_and_artifacts(trained):
-    wd, result = trained["workdir"], trained["result"]
+def test_run_writes_metrics_and_artifacts(trained_run):
+    wd, result = trained_run["workdir"], trained_run["result"]
     on_disk = json.load(open(os.path.join(wd, "metrics.json")))
     assert on_disk == json.loads(json.dumps(result))
     for key in ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "confusion_matrix"):
@@ -78,17 +42,17 @@ def test_run_writes_metrics_and_artifacts(trained):
     assert "attn_high_mag_1024_to_high_mag_2048" in header
 
 
-def test_rerun_of_finished_run_returns_its_metrics(trained):
-    again = train.train_and_evaluate(trained["config"], trained["workdir"])
-    assert again == json.loads(json.dumps(trained["result"]))
+def test_rerun_of_finished_run_returns_its_metrics(trained_run):
+    again = train.train_and_evaluate(trained_run["config"], trained_run["workdir"])
+    assert again == json.loads(json.dumps(trained_run["result"]))
 
 
-def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(trained, tmp_path):
+def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(trained_run, tmp_path):
     """Kill the training process mid-epoch; the same command resumes and ends identically."""
-    c = trained["config"]
+    c = trained_run["config"]
     workdir = str(tmp_path / "killed")
     cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/four_scale.py",
-           f"--workdir={workdir}", *_flags(c)]
+           f"--workdir={workdir}", *cli_flags(c)]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # Step 4 is mid-epoch 2 (3 steps per epoch, a checkpoint every 2 steps).
@@ -104,7 +68,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(trained, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Resumed from" in out.stderr
     resumed = json.load(open(os.path.join(workdir, "metrics.json")))
-    expected = json.loads(json.dumps(trained["result"]))
+    expected = json.loads(json.dumps(trained_run["result"]))
     for key in ("macro_f1", "accuracy", "auroc", "confusion_matrix", "best_epoch", "best_val_macro_f1"):
         assert resumed[key] == expected[key], key
 
@@ -112,15 +76,15 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(trained, tmp_path)
         rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
         return {r["epoch"]: (r["epoch/train_loss"], r["epoch/val_macro_f1"], r["epoch/val_loss"])
                 for r in rows if "epoch/val_macro_f1" in r}
-    got, want = epoch_rows(workdir), epoch_rows(trained["workdir"])
+    got, want = epoch_rows(workdir), epoch_rows(trained_run["workdir"])
     assert sorted(got) == [1, 2, 3, 4]
     for e in want:
         np.testing.assert_allclose(got[e], want[e], rtol=1e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
-    c = tiny_config(trained["config"].data.dir, trained["config"].data.prepared_dir,
-                    trained["config"].compilation_cache_dir)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained_run, tmp_path):
+    c = tiny_config(trained_run["config"].data.dir, trained_run["config"].data.prepared_dir,
+                    trained_run["config"].compilation_cache_dir)
     c.optimizer.learning_rate = 1e30
     c.optimizer.grad_clip_norm = 0.0
     c.checkpoint_every_steps = 1
@@ -164,8 +128,8 @@ def test_grid_summary_and_skip_of_finished_cells(tmp_path, monkeypatch):
     assert os.path.getsize(tmp_path / "f1_vs_scales.png") > 0
 
 
-def test_splits_written_by_the_run_are_leakage_free(trained):
-    split = json.load(open(os.path.join(trained["workdir"], "splits.json")))
+def test_splits_written_by_the_run_are_leakage_free(trained_run):
+    split = json.load(open(os.path.join(trained_run["workdir"], "splits.json")))
     ids = {k: {f.split("_")[0] for f in split[k]["filenames"]} for k in ("train", "val", "test")}
     assert all(ids.values())
     assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
