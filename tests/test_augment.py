@@ -1,5 +1,6 @@
 """Tests of histo_jax.data.augment: torchvision parity of every op, randomness, shapes."""
 import dataclasses
+import itertools
 import os
 
 import jax
@@ -75,6 +76,20 @@ def test_blur_matches_torchvision(ref, sigma):
     np.testing.assert_allclose(np.asarray(out), ref[f"blur_{sigma:g}"], atol=1e-6)
     const = jnp.full((6, 7, 3), 0.42)
     np.testing.assert_allclose(np.asarray(A.gaussian_blur(const, 3, sigma)), 0.42, atol=1e-6)
+
+
+def test_colour_ops_follow_the_drawn_order(ref):
+    """apply_color_ops == applying the four ops one after the other, for all 24 orders."""
+    img = jnp.asarray(ref["image"])
+    factors = (0.7, 1.4, 0.5, 0.12)
+    ops = (A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue)
+    orders = np.array(list(itertools.permutations(range(4))))
+    got = jax.jit(jax.vmap(lambda o: A.apply_color_ops(img, o, *factors)))(orders)
+    for order, out in zip(orders, np.asarray(got)):
+        expected = img
+        for op in order:
+            expected = ops[op](expected, factors[op])
+        np.testing.assert_allclose(out, np.asarray(expected), atol=1e-5, err_msg=str(order))
 
 
 def test_erasing_area_and_zero_fill():

@@ -199,11 +199,25 @@ def color_jitter(key: jax.Array, img: jax.Array, strengths: jax.Array) -> jax.Ar
 
     fb, fc, fs = factor(k_b, b), factor(k_c, c), factor(k_s, s)
     fh = jax.random.uniform(k_h, (), minval=-h, maxval=h)
-    ops = (lambda x: adjust_brightness(x, fb), lambda x: adjust_contrast(x, fc),
-           lambda x: adjust_saturation(x, fs), lambda x: adjust_hue(x, fh))
-    order = jax.random.permutation(k_perm, 4)
-    for step in range(4):
-        img = jax.lax.switch(order[step], ops, img)
+    return apply_color_ops(img, jax.random.permutation(k_perm, 4), fb, fc, fs, fh)
+
+
+def apply_color_ops(img: jax.Array, order: jax.Array, brightness, contrast, saturation, hue) -> jax.Array:
+    """Applies op ``order[0]``, ..., ``order[3]`` (0 brightness, 1 contrast, 2 saturation, 3 hue).
+
+    Same result as four ``lax.switch`` steps, but the costly hue op runs once instead of
+    once per step (vmap turns ``lax.switch`` into a select over all branches): the cheap
+    blends before hue, hue, then the cheap blends after it.
+    """
+    cheap = (lambda x: adjust_brightness(x, brightness), lambda x: adjust_contrast(x, contrast),
+             lambda x: adjust_saturation(x, saturation), lambda x: x)
+    hue_step = jnp.argmax(order == 3)
+    cheap_order = order[jnp.argsort(order == 3, stable=True)][:3]
+    for t in range(3):
+        img = jax.lax.switch(jnp.where(t < hue_step, cheap_order[t], 3), cheap, img)
+    img = adjust_hue(img, hue)
+    for t in range(3):
+        img = jax.lax.switch(jnp.where(t >= hue_step, cheap_order[t], 3), cheap, img)
     return img
 
 
