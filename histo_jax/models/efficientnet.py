@@ -142,6 +142,7 @@ class EfficientNet(nnx.Module):
     def features(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
         """Feature maps after the stem, after each stage, and after the head (9 maps)."""
         _check_images(x, 4, "EfficientNet")
+        layers.check_rngs(self, rngs, "EfficientNet")
         y = self.stem(x.astype(self.dtype))
         maps = [y]
         for i, block in enumerate(self.blocks):

@@ -29,16 +29,10 @@ from histo_jax.models.efficientnet import EfficientNet, _check_images
 
 
 def _torch_linear(din: int, dout: int, *, dtype: Any, rngs: nnx.Rngs,
-                  kernel_init=None, zero_bias: bool = False) -> nnx.Linear:
+                  zero_bias: bool = False) -> nnx.Linear:
     """nnx.Linear initialised like PyTorch ``nn.Linear`` (uniform +-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(din)
-    uniform = jax.nn.initializers.uniform(2 * bound)
-
-    def init(key, shape, dtype_=jnp.float32):
-        return uniform(key, shape, dtype_) - bound
-
-    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=kernel_init or init,
+    init = layers.torch_linear_init(din)
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, kernel_init=init,
                       bias_init=jax.nn.initializers.zeros if zero_bias else init, rngs=rngs)
 
 
@@ -53,7 +47,7 @@ class TorchMultiheadAttention(nnx.Module):
                              "model.num_heads.")
         # in_proj kernel (E, 3E) = PyTorch in_proj_weight (3E, E) transposed; xavier uniform.
         self.in_proj = nnx.Linear(embed_dim, 3 * embed_dim, dtype=dtype, param_dtype=jnp.float32,
-                                  kernel_init=jax.nn.initializers.glorot_uniform(),
+                                  kernel_init=layers.glorot_init,
                                   bias_init=jax.nn.initializers.zeros, rngs=rngs)
         self.out_proj = _torch_linear(embed_dim, embed_dim, dtype=dtype, rngs=rngs,
                                       zero_bias=True)
@@ -126,6 +120,7 @@ class MultiInputClassifier(nnx.Module):
         if n != self.num_inputs:
             raise ValueError(f"MultiInputClassifier was built for {self.num_inputs} inputs but "
                              f"got images with N = {n} (shape {tuple(images.shape)}).")
+        layers.check_rngs(self, rngs, "MultiInputClassifier")
         feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs)  # (B*N, F)
         tokens = self.proj(feats.astype(self.dtype)).reshape(b, n, -1)          # (B, N, E)
         fused, attn = [], []
