@@ -155,32 +155,29 @@ def adjust_saturation(img: jax.Array, factor: jax.Array) -> jax.Array:
 
 def _rgb_to_hsv(img: jax.Array) -> jax.Array:
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    maxc = jnp.max(img, axis=-1)
+    # The max channel by argmax (first of ties: r, then g, then b, as torchvision's
+    # equality tests), and maxc read from it: consistent even if XLA recomputes ``img``
+    # with different rounding in different fusions.
+    arg = jnp.argmax(img, axis=-1)
+    maxc = jnp.take_along_axis(img, arg[..., None], axis=-1)[..., 0]
     minc = jnp.min(img, axis=-1)
     eqc = maxc == minc
     cr = maxc - minc
     s = cr / jnp.where(eqc, 1.0, maxc)
     cr_div = jnp.where(eqc, 1.0, cr)
     rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = jnp.where(maxc == r, bc - gc, 0.0)
-    hg = jnp.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
-    hb = jnp.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
-    h = jnp.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = jnp.where(arg == 0, bc - gc, jnp.where(arg == 1, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = jnp.fmod(h / 6.0 + 1.0, 1.0)
     return jnp.stack([h, s, maxc], axis=-1)
 
 
 def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    i = jnp.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.astype(jnp.int32) % 6
-    p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
-    q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
-    t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    r = jnp.select([i == k for k in range(6)], [v, q, p, p, t, v])
-    g = jnp.select([i == k for k in range(6)], [t, v, v, q, p, p])
-    b = jnp.select([i == k for k in range(6)], [p, p, t, v, v, q])
-    return jnp.stack([r, g, b], axis=-1)
+    """HSV -> RGB; equals torchvision's sector table (``v, q, p, p, t, v`` ...) for
+    h, s, v in [0, 1], computed as ``v - v * s * clip(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for r, g, b."""
+    h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+    k = jnp.mod(jnp.array([5.0, 3.0, 1.0]) + h * 6.0, 6.0)
+    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def adjust_hue(img: jax.Array, hue_factor: jax.Array) -> jax.Array:
@@ -205,19 +202,26 @@ def color_jitter(key: jax.Array, img: jax.Array, strengths: jax.Array) -> jax.Ar
 def apply_color_ops(img: jax.Array, order: jax.Array, brightness, contrast, saturation, hue) -> jax.Array:
     """Applies op ``order[0]``, ..., ``order[3]`` (0 brightness, 1 contrast, 2 saturation, 3 hue).
 
-    Same result as four ``lax.switch`` steps, but the costly hue op runs once instead of
-    once per step (vmap turns ``lax.switch`` into a select over all branches): the cheap
-    blends before hue, hue, then the cheap blends after it.
+    Same result as applying the ops one by one, but cheaper under vmap (where a
+    ``lax.switch`` computes every branch): brightness, contrast and saturation are all
+    ``clip(f * x + (1 - f) * other)`` and share one blend per step, and the costly hue op
+    runs once (the blends before it, hue, then the blends after it).
     """
-    cheap = (lambda x: adjust_brightness(x, brightness), lambda x: adjust_contrast(x, contrast),
-             lambda x: adjust_saturation(x, saturation), lambda x: x)
+    factors = jnp.stack([jnp.asarray(brightness, jnp.float32), jnp.asarray(contrast, jnp.float32),
+                         jnp.asarray(saturation, jnp.float32)])
+
+    def blend_step(x, op):  # op 0..2: that blend; 3: identity (factor 1).
+        gray = _grayscale(x)
+        other = jnp.where(op == 1, jnp.mean(gray), jnp.where(op == 2, gray, 0.0))[..., None]
+        return _blend(x, other, jnp.where(op == 3, 1.0, factors[jnp.minimum(op, 2)]))
+
     hue_step = jnp.argmax(order == 3)
     cheap_order = order[jnp.argsort(order == 3, stable=True)][:3]
     for t in range(3):
-        img = jax.lax.switch(jnp.where(t < hue_step, cheap_order[t], 3), cheap, img)
+        img = blend_step(img, jnp.where(t < hue_step, cheap_order[t], 3))
     img = adjust_hue(img, hue)
     for t in range(3):
-        img = jax.lax.switch(jnp.where(t >= hue_step, cheap_order[t], 3), cheap, img)
+        img = blend_step(img, jnp.where(t >= hue_step, cheap_order[t], 3))
     return img
 
 
