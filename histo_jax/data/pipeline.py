@@ -247,16 +247,21 @@ def _ensure_absl_flags_parsed(num_workers: int) -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _data_loader(batch_source: _GlobalBatchSource, num_workers: int) -> grain.DataLoader:
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
+def _data_loader(batch_source: _GlobalBatchSource, num_workers: int, read_threads: int,
+                 prefetch_batches: int) -> grain.DataLoader:
+    if num_workers < 0 or read_threads < 0 or prefetch_batches < 1:
+        raise ValueError("need num_workers >= 0, read_threads >= 0 and prefetch_batches >= 1; got "
+                         f"{num_workers}, {read_threads}, {prefetch_batches}.")
     _ensure_absl_flags_parsed(num_workers)
     return grain.DataLoader(
         data_source=batch_source,
         sampler=_BatchIndexSampler(len(batch_source), repr(batch_source)),
         worker_count=num_workers,
-        worker_buffer_size=2,
+        worker_buffer_size=prefetch_batches,
         shard_options=grain.sharding.NoSharding(),  # Process slicing is done by the source.
+        # Grain's defaults (16 threads, 500 prefetched elements) are meant for ~KiB records;
+        # ours are whole batches of ~15 MB.
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches),
     )
 
 
@@ -271,13 +276,17 @@ def _labels_of(source, indices: np.ndarray) -> np.ndarray:
 
 def make_train_loader(source, train_indices: Sequence[int], *, global_batch_size: int, num_inputs: int,
                       seed: int, num_workers: int = 0, process_index: int = 0, process_count: int = 1,
-                      start_step: int = 0, num_epochs: int | None = None) -> grain.DataLoader:
+                      start_step: int = 0, num_epochs: int | None = None, read_threads: int = 2,
+                      prefetch_batches: int = 2) -> grain.DataLoader:
     """Infinite (or ``num_epochs``-bounded) class-balanced training loader.
 
     ``iter(loader)`` yields ``{'images': uint8 (B/P, N, S, S, 3), 'labels': int32 (B/P,),
     'index': int32 (B/P,)}`` and supports ``get_state()`` / ``set_state()``.
     ``start_step`` is the first global batch of a fresh iterator (to resume without a
-    saved iterator state); a saved state is relative to the ``start_step`` it was made with.
+    saved iterator state); a saved state is relative to the ``start_step`` it was made with
+    and can only be restored with the same ``num_workers`` (a Grain rule).
+    ``read_threads`` batches are read concurrently per process (per worker with
+    ``num_workers`` > 0), up to ``prefetch_batches`` ahead.
     """
     indices = np.asarray(train_indices, np.int64)
     labels = _labels_of(source, indices)
@@ -285,7 +294,7 @@ def make_train_loader(source, train_indices: Sequence[int], *, global_batch_size
     batches = _GlobalBatchSource(source, sampler, global_batch_size=global_batch_size,
                                  num_inputs=num_inputs, process_index=process_index,
                                  process_count=process_count, start_step=start_step)
-    return _data_loader(batches, num_workers)
+    return _data_loader(batches, num_workers, read_threads, prefetch_batches)
 
 
 class EvalLoader:
@@ -304,7 +313,8 @@ class EvalLoader:
 
 
 def make_eval_loader(source, indices: Sequence[int], *, global_batch_size: int, num_inputs: int,
-                     num_workers: int = 0, process_index: int = 0, process_count: int = 1) -> EvalLoader:
+                     num_workers: int = 0, process_index: int = 0, process_count: int = 1,
+                     read_threads: int = 2, prefetch_batches: int = 2) -> EvalLoader:
     """Every record of ``indices`` exactly once, in order; last batch padded and masked.
 
     Batches: ``images`` uint8 (B/P, N, S, S, 3), ``labels`` int32, ``index`` int32 and
@@ -318,7 +328,8 @@ def make_eval_loader(source, indices: Sequence[int], *, global_batch_size: int, 
                                  num_inputs=num_inputs, process_index=process_index,
                                  process_count=process_count, record_keys=indices,
                                  num_valid=len(indices))
-    return EvalLoader(_data_loader(batches, num_workers), num_batches, len(indices))
+    return EvalLoader(_data_loader(batches, num_workers, read_threads, prefetch_batches), num_batches,
+                      len(indices))
 
 
 def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
