@@ -8,6 +8,7 @@ Rerunning a command with the same workdir resumes it. Without --config.data.dir 
 embedded demo dataset is used (generated on first use).
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -25,7 +26,8 @@ flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, pictures
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # libraries: warnings only; histo_jax: info
+    std_logging.getLogger("histo_jax").setLevel(std_logging.INFO)
     parallel.maybe_initialize_distributed()
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join(

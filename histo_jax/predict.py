@@ -204,7 +204,8 @@ def _define_flags():
 def main(argv):
     del argv
     from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("histo_jax").setLevel(logging.INFO)
     parallel.maybe_initialize_distributed()
     if bool(FLAGS.run) == bool(FLAGS.pytorch):
         raise app.UsageError("Give exactly one of --run=WORKDIR or --pytorch=CHECKPOINT.")

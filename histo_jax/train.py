@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from histo_jax import checkpointing, optim, parallel, plots, steps
@@ -39,6 +40,15 @@ METRICS_FILE = "metrics.json"
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def primary_first(fn, what: str):
+    """Runs ``fn`` on process 0, then on the others (which then reuse its files on disk)."""
+    if jax.process_count() == 1:
+        return fn()
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"histo_jax: {what}")
+    return out if jax.process_index() == 0 else fn()
 
 
 def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
@@ -136,12 +146,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- Data -------------------------------------------------------------------------------
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.dir = resolve_data_dir(config)
+    data_cfg.dir = primary_first(lambda: resolve_data_dir(config), "demo data")
     n_in = config.num_inputs
     if not 1 <= n_in <= len(data_cfg.scales):
         raise ValueError(f"config.num_inputs={n_in} must be between 1 and the number of "
                          f"configured scale folders ({len(data_cfg.scales)}: {list(data_cfg.scales)}).")
-    source = sources.load_dataset(data_cfg, log=log.info)
+    source = primary_first(lambda: sources.load_dataset(data_cfg, log=log.info), "data prepared")
     split = splits_lib.make_splits(source.num_ids, source.labels, config.run,
                                    test_size=data_cfg.test_size, val_size=data_cfg.val_size)
     if primary:

@@ -137,3 +137,56 @@ def test_splits_written_by_the_run_are_leakage_free(trained_run):
     assert n == 36  # every sample in exactly one split
     index_sets = [set(split[k]["indices"]) for k in ("train", "val", "test")]
     assert len(set.union(*index_sets)) == n
+
+
+def test_two_processes_on_loopback_match_one_process(trained_run, tmp_path):
+    """jax.distributed with a local coordinator: 2 processes x 2 CPU devices = the 4-device run."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = trained_run["config"]
+    workdir = str(tmp_path / "two_procs")
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/four_scale.py",
+             f"--workdir={workdir}", *cli_flags(c)], env=env, cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        errs.append(err)
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in errs[0]
+    got = json.load(open(os.path.join(workdir, "metrics.json")))
+    want = json.loads(json.dumps(trained_run["result"]))
+    assert got["confusion_matrix"] == want["confusion_matrix"]
+    assert got["best_epoch"] == want["best_epoch"]
+    # Same numbers up to float reassociation in the cross-process reductions. (Exact metric
+    # equality is not asked: a tiny model's near-tied scores can reorder under 1e-6 noise.)
+    def probs(wd):
+        with open(os.path.join(wd, "test_predictions.csv")) as f:
+            rows = [line.rstrip().split(",") for line in f][1:]
+        return {r[0]: float(r[5]) for r in rows}
+    p2, p1 = probs(workdir), probs(trained_run["workdir"])
+    assert sorted(p2) == sorted(p1)
+    np.testing.assert_allclose([p2[k] for k in sorted(p1)], [p1[k] for k in sorted(p1)], atol=1e-4)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    ref = [json.loads(line) for line in open(os.path.join(trained_run["workdir"], "metrics.jsonl"))]
+    for key in ("epoch/train_loss", "epoch/val_loss"):
+        np.testing.assert_allclose([r[key] for r in rows if key in r], [r[key] for r in ref if key in r],
+                                   rtol=1e-4, err_msg=key)
+    # Each process saved its own data-iterator state.
+    step_dirs = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    it_dir = os.path.join(workdir, "checkpoints", step_dirs[-1], "data_iter")
+    assert sorted(f for f in os.listdir(it_dir) if f.endswith(".json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
