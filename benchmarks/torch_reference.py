@@ -1,0 +1,85 @@
+"""The original PyTorch model (SPEC section 3) and its training step, for side-by-side numbers.
+
+Torch-only (no JAX import), so that a benchmark worker measures PyTorch's own memory.
+``MultiInputModule`` is the reference classifier: torchvision ``efficientnet_b0().features``
+(shared), a shared Linear(1280 -> 128), one ``nn.MultiheadAttention`` per input, shared
+LayerNorms / FFN and the dropout-MLP classifier. ``make_train_step`` is the reference
+optimisation step: weighted cross-entropy, backward, ``clip_grad_norm_(1.0)``, Adam,
+``OneCycleLR`` stepped per batch.
+
+torchvision's compiled ops are missing beside some CPU torch builds; :func:`import_torchvision`
+declares the two it needs at import time so that the pure-Python models load.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def import_torchvision():
+    """Import torchvision, declaring ``torchvision::nms`` / ``qnms`` first if its C ops are absent."""
+    try:
+        import torchvision
+    except (RuntimeError, ImportError):
+        for name in ("nms", "qnms"):
+            torch.library.define(f"torchvision::{name}",
+                                 "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision
+    return torchvision
+
+
+class MultiInputModule(nn.Module):
+    """The reference PyTorch model (SPEC section 3); ``forward(x (B, N, 3, H, W))``."""
+
+    def __init__(self, num_inputs: int, num_classes: int = 2, embed: int = 128, heads: int = 8,
+                 ffn: int = 512, dropout: float = 0.5):
+        super().__init__()
+        torchvision = import_torchvision()
+        self.feature_extractor = torchvision.models.efficientnet_b0().features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.proj = nn.Linear(1280, embed)
+        self.attention_layers = nn.ModuleList([
+            nn.MultiheadAttention(embed, heads, dropout=dropout, batch_first=True)
+            for _ in range(num_inputs)])
+        self.norm1 = nn.LayerNorm(embed)
+        self.norm2 = nn.LayerNorm(embed)
+        self.ffn = nn.Sequential(nn.Linear(embed, ffn), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn, embed))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed * num_inputs, embed),
+                                        nn.ReLU(), nn.Dropout(dropout),
+                                        nn.Linear(embed, num_classes))
+
+    def forward(self, x):  # x: (B, N, 3, H, W)
+        b, n = x.shape[:2]
+        feats = self.pool(self.feature_extractor(x.flatten(0, 1))).flatten(1)
+        tokens = self.proj(feats).view(b, n, -1)
+        fused, attn = [], []
+        for i, mha in enumerate(self.attention_layers):
+            q = tokens[:, i:i + 1]
+            att, w = mha(q, tokens, tokens)
+            h = self.norm1(att + q)
+            h = self.norm2(h + self.ffn(h))
+            fused.append(h[:, 0])
+            attn.append(w[:, 0])
+        return self.classifier(torch.cat(fused, dim=1)), torch.stack(attn, dim=1)
+
+
+def make_train_step(model: nn.Module, class_weights: torch.Tensor, total_steps: int,
+                    max_lr: float = 3e-4, clip: float = 1.0):
+    """The reference training step as a closure ``step(images, labels) -> loss``."""
+    opt = torch.optim.Adam(model.parameters(), lr=max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> float:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        logits, _ = model(images)
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        return float(loss.detach())
+
+    return step

@@ -1,0 +1,350 @@
+"""Model throughput: the full jitted train step and the eval forward, optionally beside PyTorch.
+
+For each number of inputs N and each mode, a FRESH worker process builds the model, compiles
+and times it, so that every configuration gets its own peak memory:
+
+* ``train``      ``histo_jax.steps.make_train_step`` with augmentation OFF (forward, weighted
+                 CE, backward, clip to global norm 1.0, OneCycle Adam), state donated;
+* ``train_aug``  the same step with the reference augmentation ON (the trainer's step);
+* ``eval``       ``histo_jax.steps.make_eval_step`` (eval-mode forward).
+
+With ``--torch`` a PyTorch worker (``benchmarks/torch_reference.py``: the original model and
+step: weighted CE, backward, ``clip_grad_norm_(1.0)``, Adam, OneCycleLR; ``--torch_threads``
+threads) runs beside each JAX ``train`` / ``eval`` worker. Both stay alive and their timed
+steps ALTERNATE (jax, torch, jax, torch ... for ``--rounds`` rounds of ``--steps`` steps), so
+machine drift hits both alike; then a ``ratio`` line gives histo_jax / PyTorch.
+
+Output: JSON lines (see benchmarks/README.md for the fields). Usage::
+
+    python benchmarks/train_step.py [--inputs 1,2,3,4] [--modes train,train_aug,eval]
+        [--batch 25] [--size 224] [--rounds 3] [--steps 2] [--torch] [--dtype float32]
+
+Peak memory is the worker's host RSS high-water mark (``VmHWM``) after compile and at the end;
+on GPU / TPU also the device's ``peak_bytes_in_use``. The code is backend-agnostic: on an
+accelerator the JAX worker uses the default backend (all its devices, batch sharded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODES = ("train", "train_aug", "eval")
+CLASS_WEIGHTS = (0.8, 1.3333334)  # a typical imbalance; only the cost matters here
+TOTAL_STEPS = 10_000              # OneCycle length (any value > timed steps)
+
+
+# --------------------------------------------------------------------------- worker helpers
+def _rss_peak_mb() -> float:
+    """Host RSS high-water mark of this process (VmHWM), MB; ru_maxrss where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _parse_value(v: str):
+    """'true'/'false' -> bool, numbers -> int/float, anything else stays a string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _serve(run_steps, info: dict, extra_final=None) -> None:
+    """Worker loop: prints ``info`` (ready), then answers ``run K`` / ``quit`` lines on stdin."""
+    info["rss_peak_after_first_step_mb"] = round(_rss_peak_mb(), 1)
+    _emit(info)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd and cmd[0] == "run":
+            _emit({"times": run_steps(int(cmd[1]))})
+        elif cmd and cmd[0] == "quit":
+            final = {"rss_peak_mb": round(_rss_peak_mb(), 1)}
+            if extra_final:
+                final.update(extra_final())
+            _emit(final)
+            return
+
+
+def jax_worker(a: argparse.Namespace) -> None:
+    """Builds the histo_jax model and step for (N, mode), compiles, then serves timed steps."""
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from histo_jax import optim, parallel, steps
+    from histo_jax.config import get_base_config
+    from histo_jax.data import augment
+    from histo_jax.models import build_model
+
+    cfg = get_base_config()
+    cfg.model.dtype = a.dtype
+    cfg.model.depthwise = a.depthwise
+    for kv in filter(None, a.model_set.split(",")):
+        k, v = kv.split("=", 1)
+        cfg.model[k] = _parse_value(v)
+    t0 = time.perf_counter()
+    model = build_model(cfg.model, a.n, nnx.Rngs(params=0))
+    graphs, params, batch_stats = steps.split_model(model)
+    del model
+    build_s = time.perf_counter() - t0
+
+    mesh = parallel.make_mesh()
+    repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (a.batch, a.n, a.size, a.size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, (a.batch,)).astype(np.int32)
+    images = jax.device_put(images, data)
+    if a.mode == "eval":
+        fn = jax.jit(steps.make_eval_step(graphs, "none"), in_shardings=(repl, repl, data))
+        params, batch_stats = jax.device_put((params, batch_stats), repl)
+        args = (params, batch_stats, images)
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+
+        def call():
+            return compiled(*args)
+    else:
+        tx = optim.make_optimizer(cfg.optimizer, TOTAL_STEPS)
+        aug = (augment.AugmentConfig.from_config(cfg.data, a.n) if a.mode == "train_aug"
+               else None)
+        fn = jax.jit(steps.make_train_step(graphs, tx, aug, "none", jnp.asarray(CLASS_WEIGHTS)),
+                     in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                     donate_argnums=0)
+        holder = {"state": jax.device_put(steps.init_train_state(params, batch_stats, tx), repl)}
+        del params, batch_stats
+        batch = {"images": images, "labels": jax.device_put(labels, data)}
+        key = jax.device_put(jax.random.PRNGKey(0), repl)
+        t0 = time.perf_counter()
+        compiled = fn.lower(holder["state"], batch, key).compile()
+        compile_s = time.perf_counter() - t0
+
+        def call():
+            holder["state"], metrics = compiled(holder["state"], batch, key)
+            return metrics
+    rss_compile = _rss_peak_mb()
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first_s = time.perf_counter() - t0
+
+    def run_steps(k: int) -> list[float]:
+        out = []
+        for _ in range(k):
+            t = time.perf_counter()
+            jax.block_until_ready(call())
+            out.append(time.perf_counter() - t)
+        return out
+
+    def device_peak() -> dict:
+        stats = [d.memory_stats() or {} for d in jax.local_devices()]
+        peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+        return {"device_peak_mb": round(max(peaks) / 2**20, 1)} if peaks else {}
+
+    _serve(run_steps, {
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "build_s": round(build_s, 2), "compile_s": round(compile_s, 2),
+        "first_step_s": round(first_s, 3), "rss_peak_compile_mb": round(rss_compile, 1),
+        "xla_flags": os.environ.get("XLA_FLAGS", "")}, device_peak)
+
+
+def torch_worker(a: argparse.Namespace) -> None:
+    """Builds the PyTorch reference model and step for (N, mode), then serves timed steps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    import torch_reference
+
+    torch.set_num_threads(a.torch_threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = torch_reference.MultiInputModule(a.n)
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand((a.batch, a.n, 3, a.size, a.size), generator=gen)
+    labels = torch.randint(0, 2, (a.batch,), generator=gen)
+    if a.mode == "eval":
+        model.eval()
+
+        def call():
+            with torch.inference_mode():
+                model(images)
+    else:
+        step = torch_reference.make_train_step(model, torch.tensor(CLASS_WEIGHTS), TOTAL_STEPS)
+
+        def call():
+            step(images, labels)
+    t0 = time.perf_counter()
+    call()
+    first_s = time.perf_counter() - t0
+
+    def run_steps(k: int) -> list[float]:
+        out = []
+        for _ in range(k):
+            t = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - t)
+        return out
+
+    _serve(run_steps, {"backend": "cpu", "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "build_s": round(build_s, 2),
+                       "compile_s": 0.0, "first_step_s": round(first_s, 3)})
+
+
+# --------------------------------------------------------------------------- parent
+class Worker:
+    """A benchmark worker subprocess speaking the line protocol of :func:`_serve`."""
+
+    def __init__(self, framework: str, n: int, mode: str, a: argparse.Namespace):
+        self.framework = framework
+        cmd = [a.torch_python if framework == "torch" else sys.executable, str(pathlib.Path(
+            __file__).resolve()), "--worker", framework, "--n", str(n), "--mode", mode,
+            "--batch", str(a.batch), "--size", str(a.size), "--dtype", a.dtype,
+            "--depthwise", a.depthwise, "--model_set", a.model_set,
+            "--torch_threads", str(a.torch_threads)]
+        env = dict(os.environ)
+        if framework == "jax" and a.xla_flags is not None:
+            env["XLA_FLAGS"] = a.xla_flags
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=str(ROOT))
+        self.info = self._read()
+        self.times: list[float] = []
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"benchmarks/train_step.py: the {self.framework} worker exited "
+                               f"with code {code} before answering (see its stderr above).")
+        return json.loads(line)
+
+    def run(self, k: int) -> None:
+        self.proc.stdin.write(f"run {k}\n")
+        self.proc.stdin.flush()
+        self.times += self._read()["times"]
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        final = self._read()
+        self.proc.wait()
+        return final
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def measure(n: int, mode: str, frameworks: list[str], a: argparse.Namespace) -> dict[str, dict]:
+    """Start one worker per framework, alternate timed rounds, return a record per framework."""
+    load_before = _load()
+    workers = []
+    try:
+        for fw in frameworks:
+            workers.append(Worker(fw, n, mode, a))  # sequential start: compiles never overlap
+        for _ in range(a.rounds):
+            for w in workers:
+                w.run(a.steps)
+        records = {}
+        for w in workers:
+            final = w.finish()
+            med = statistics.median(w.times)
+            records[w.framework] = {
+                "framework": w.framework, "n_inputs": n, "mode": mode, "batch": a.batch,
+                "size": a.size, "dtype": a.dtype if w.framework == "jax" else "float32",
+                "samples_per_s": round(a.batch / med, 3), "step_median_s": round(med, 4),
+                "step_min_s": round(min(w.times), 4), "step_max_s": round(max(w.times), 4),
+                "timed_steps": len(w.times), **w.info, **final,
+                "load_before": load_before, "load_after": _load()}
+        return records
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--inputs", default="1,2,3,4", help="comma list of N (number of inputs)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    p.add_argument("--batch", type=int, default=25)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per round and framework")
+    p.add_argument("--dtype", default="float32", help="histo_jax compute dtype")
+    p.add_argument("--depthwise", default="auto", help="histo_jax depthwise implementation")
+    p.add_argument("--model_set", default="",
+                   help="extra model config fields, 'key=value,...' (e.g. remat=True)")
+    p.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX workers")
+    p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
+    p.add_argument("--torch_threads", type=int, default=2)
+    default_torch_py = ROOT / ".venv-torch" / "bin" / "python"
+    p.add_argument("--torch_python",
+                   default=str(default_torch_py) if default_torch_py.exists() else sys.executable,
+                   help="interpreter with torch + torchvision for the PyTorch worker")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        (jax_worker if a.worker == "jax" else torch_worker)(a)
+        return
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {MODES}")
+    _emit({"host": platform.node(), "cpus": os.cpu_count(), "load": _load(),
+           "argv": sys.argv[1:]})
+    for n in (int(x) for x in a.inputs.split(",")):
+        torch_train = None
+        for mode in modes:
+            frameworks = ["jax"] + (["torch"] if a.torch and mode != "train_aug" else [])
+            recs = measure(n, mode, frameworks, a)
+            for r in recs.values():
+                _emit(r)
+            if "torch" in recs:
+                torch_rec = recs["torch"]
+                if mode == "train":
+                    torch_train = torch_rec
+            elif mode == "train_aug" and torch_train is not None:
+                torch_rec = torch_train  # the original augments in its DataLoader workers
+            else:
+                continue
+            j = recs["jax"]
+            _emit({"ratio": "histo_jax/pytorch", "n_inputs": n, "mode": mode,
+                   "speed": round(j["samples_per_s"] / torch_rec["samples_per_s"], 3),
+                   "peak_rss": round(j["rss_peak_mb"] / torch_rec["rss_peak_mb"], 3),
+                   "jax_samples_per_s": j["samples_per_s"],
+                   "torch_samples_per_s": torch_rec["samples_per_s"],
+                   "jax_rss_peak_mb": j["rss_peak_mb"], "torch_rss_peak_mb": torch_rec["rss_peak_mb"]})
+
+
+if __name__ == "__main__":
+    main()
