@@ -119,12 +119,13 @@ def jax_worker(a: argparse.Namespace) -> None:
     images = rng.integers(0, 256, (a.batch, a.n, a.size, a.size, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, (a.batch,)).astype(np.int32)
     images = jax.device_put(images, data)
+    copts = steps.compiler_options() if a.compiler_options == "histo_jax" else {}
     if a.mode == "eval":
         fn = jax.jit(steps.make_eval_step(graphs, "none"), in_shardings=(repl, repl, data))
         params, batch_stats = jax.device_put((params, batch_stats), repl)
         args = (params, batch_stats, images)
         t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
+        compiled = fn.lower(*args).compile(copts)
         compile_s = time.perf_counter() - t0
 
         def call():
@@ -141,7 +142,7 @@ def jax_worker(a: argparse.Namespace) -> None:
         batch = {"images": images, "labels": jax.device_put(labels, data)}
         key = jax.device_put(jax.random.PRNGKey(0), repl)
         t0 = time.perf_counter()
-        compiled = fn.lower(holder["state"], batch, key).compile()
+        compiled = fn.lower(holder["state"], batch, key).compile(copts)
         compile_s = time.perf_counter() - t0
 
         def call():
@@ -170,7 +171,7 @@ def jax_worker(a: argparse.Namespace) -> None:
         "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
         "build_s": round(build_s, 2), "compile_s": round(compile_s, 2),
         "first_step_s": round(first_s, 3), "rss_peak_compile_mb": round(rss_compile, 1),
-        "xla_flags": os.environ.get("XLA_FLAGS", "")}, device_peak)
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "compiler_options": copts}, device_peak)
 
 
 def torch_worker(a: argparse.Namespace) -> None:
@@ -225,7 +226,7 @@ class Worker:
             __file__).resolve()), "--worker", framework, "--n", str(n), "--mode", mode,
             "--batch", str(a.batch), "--size", str(a.size), "--dtype", a.dtype,
             "--depthwise", a.depthwise, "--model_set", a.model_set,
-            "--torch_threads", str(a.torch_threads)]
+            "--torch_threads", str(a.torch_threads), "--compiler_options", a.compiler_options]
         env = dict(os.environ)
         if framework == "jax" and a.xla_flags is not None:
             env["XLA_FLAGS"] = a.xla_flags
@@ -303,6 +304,9 @@ def main(argv=None) -> None:
     p.add_argument("--model_set", default="",
                    help="extra model config fields, 'key=value,...' (e.g. remat=True)")
     p.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX workers")
+    p.add_argument("--compiler_options", choices=("histo_jax", "none"), default="histo_jax",
+                   help="'histo_jax': steps.compiler_options() (what the trainer should use); "
+                        "'none': XLA defaults")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--torch_threads", type=int, default=2)
     default_torch_py = ROOT / ".venv-torch" / "bin" / "python"

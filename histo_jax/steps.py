@@ -46,6 +46,20 @@ def split_model(model: nnx.Module) -> tuple[ModelGraphs, Any, Any]:
     return ModelGraphs(graph_train, graph_eval), params, batch_stats
 
 
+# XLA:CPU's default scheduler keeps many activations of a train step alive at once; the
+# memory-optimised one cuts the step's peak temp memory ~2.5x (EfficientNet-B0, 224 px).
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA compiler options for the steps on ``backend`` (default: JAX's default backend).
+
+    Pass them to ``jax.jit(..., compiler_options=...)``. Only XLA:CPU gets options (the
+    memory-optimised scheduler); other backends get ``{}``.
+    """
+    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+
+
 def init_train_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params))

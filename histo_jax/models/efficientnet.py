@@ -110,8 +110,10 @@ class EfficientNet(nnx.Module):
 
     def __init__(self, *, variant: str = "b0", width_mult: float = 1.0, depth_mult: float = 1.0,
                  stochastic_depth: float = 0.2, depthwise: str = "auto", bn_eps: float = 1e-5,
-                 bn_momentum: float = 0.1, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 bn_momentum: float = 0.1, dtype: Any = jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
         w, d = resolve_multipliers(variant, width_mult, depth_mult)
+        self.remat = remat
         self.stages = scaled_stages(w, d)
         self.dtype = jnp.dtype(dtype)
         stem_ch = self.stages[0].in_ch
@@ -140,13 +142,19 @@ class EfficientNet(nnx.Module):
         return [list(self.blocks[a:b]) for a, b in zip(starts, self.stage_ends)]
 
     def features(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
-        """Feature maps after the stem, after each stage, and after the head (9 maps)."""
+        """Feature maps after the stem, after each stage, and after the head (9 maps).
+
+        With ``remat`` (train mode only) each MBConv block is rematerialised in the backward
+        pass (``nnx.remat``): only block inputs are kept, which cuts the activation memory of a
+        train step several-fold for one extra forward pass.
+        """
         _check_images(x, 4, "EfficientNet")
         layers.check_rngs(self, rngs, "EfficientNet")
         y = self.stem(x.astype(self.dtype))
         maps = [y]
         for i, block in enumerate(self.blocks):
-            y = block(y, rngs)
+            y = (_remat_block(block, y, rngs) if self.remat and not block.deterministic
+                 else block(y, rngs))
             if i + 1 in self.stage_ends:
                 maps.append(y)
         maps.append(self.head(y))
@@ -156,6 +164,11 @@ class EfficientNet(nnx.Module):
         """Pooled features (B, num_features), float32."""
         fmap = self.features(x, rngs)[-1]
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+
+
+@nnx.remat
+def _remat_block(block: MBConv, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    return block(x, rngs)
 
 
 def _check_images(x: jax.Array, ndim: int, where: str) -> None:
