@@ -134,10 +134,15 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride), padding=_pad(self.kernel_size),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        if self.kernel_size == 1 and self.stride == 1:
+            # A pointwise conv is a matmul over channels; as a dot, XLA:CPU runs it and its
+            # gradients with its matmul kernels instead of the (much slower) conv emitter.
+            y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=(self.stride, self.stride),
+                padding=_pad(self.kernel_size), dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
