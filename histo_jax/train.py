@@ -186,12 +186,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     base_key = jax.device_put(jax.random.PRNGKey(config.seed), repl)
     lr_schedule, _ = optim.make_schedules(config.optimizer, total_steps)
 
-    loader_kw = dict(num_inputs=n_in, num_workers=data_cfg.num_workers,
-                     process_index=jax.process_index(), process_count=jax.process_count())
+    loader_kw = dict(num_inputs=n_in, process_index=jax.process_index(),
+                     process_count=jax.process_count())
     train_iter = iter(pipeline.make_train_loader(
-        source, split["train"], global_batch_size=config.batch_size, seed=config.seed, **loader_kw))
+        source, split["train"], global_batch_size=config.batch_size, seed=config.seed,
+        num_workers=data_cfg.num_workers, **loader_kw))
+    # Evaluation reads prepared (already resized, unaugmented) records: cheap enough in the
+    # main process, and re-iterating a multi-worker loader would restart its workers each epoch.
     val_loader = pipeline.make_eval_loader(
-        source, split["val"], global_batch_size=config.eval_batch_size, **loader_kw)
+        source, split["val"], global_batch_size=config.eval_batch_size, num_workers=0, **loader_kw)
 
     # ---- Resume -------------------------------------------------------------------------------
     ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -289,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best = ckpt.restore_best({"params": state.params, "batch_stats": state.batch_stats})
     weights_best = best[0]
     test_loader = pipeline.make_eval_loader(
-        source, split["test"], global_batch_size=config.eval_batch_size, **loader_kw)
+        source, split["test"], global_batch_size=config.eval_batch_size, num_workers=0, **loader_kw)
     ev = evaluate_dataset(eval_step, weights_best["params"], weights_best["batch_stats"],
                           test_loader, mesh, progress=config.progress, desc="test")
     result = classification_metrics(ev["labels"], ev["logits"], num_classes)
