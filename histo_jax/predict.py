@@ -107,7 +107,8 @@ def predict_folder(config: ml_collections.ConfigDict, model: nnx.Module, data_di
         probs = sum(jax.nn.softmax(o[0], -1) for o in outs) / len(outs)
         return jax.numpy.log(probs), sum(o[1] for o in outs) / len(outs)
 
-    eval_fn = jax.jit(eval_fn, in_shardings=(repl, repl, parallel.batch_sharding(mesh)))
+    eval_fn = jax.jit(eval_fn, in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
+                      compiler_options=steps.compiler_options())
     loader = pipeline.make_eval_loader(
         source, np.arange(len(source)), global_batch_size=batch_size, num_inputs=n_in,
         num_workers=data_cfg.num_workers, process_index=jax.process_index(),

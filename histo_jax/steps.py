@@ -98,7 +98,7 @@ def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree_utils.tree_l2_norm(grads),
         }
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state)

@@ -180,9 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = jax.jit(
         steps.make_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw),
         in_shardings=(repl, parallel.batch_sharding(mesh), repl), out_shardings=(repl, repl),
-        donate_argnums=0)
+        donate_argnums=0, compiler_options=steps.compiler_options())
     eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization),
-                        in_shardings=(repl, repl, parallel.batch_sharding(mesh)))
+                        in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
+                        compiler_options=steps.compiler_options())
     base_key = jax.device_put(jax.random.PRNGKey(config.seed), repl)
     lr_schedule, _ = optim.make_schedules(config.optimizer, total_steps)
 

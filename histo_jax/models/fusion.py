@@ -155,7 +155,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_inputs: int,
         depth_mult=model_cfg.depth_mult, stochastic_depth=model_cfg.stochastic_depth,
         depthwise=model_cfg.depthwise, bn_eps=model_cfg.bn_eps,
         bn_momentum=model_cfg.bn_momentum, dtype=dtype,
-        remat=bool(model_cfg.get("remat", False)), rngs=rngs)
+        remat=bool(model_cfg.remat), rngs=rngs)
     model = MultiInputClassifier(
         num_inputs, encoder=encoder, embed_dim=model_cfg.embed_dim,
         num_heads=model_cfg.num_heads, ffn_dim=model_cfg.ffn_dim, dropout=model_cfg.dropout,
