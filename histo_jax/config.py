@@ -43,7 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0        # 0: at the end of every epoch only
     c.keep_checkpoints = 2
     c.progress = True                   # tqdm bars with samples/s and ETA
-    c.compilation_cache_dir = "~/.cache/histo_jax/jax_compilation_cache"  # '' disables
+    c.compilation_cache_dir = "auto"    # 'auto': <histo_jax cache>/jax_compilation_cache; '' disables
 
     # Experiment grid (configs/grid.py): empty tuples = a single run of the fields above.
     c.grid = ml_collections.ConfigDict()

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from histo_jax import checkpointing, optim, parallel, plots, steps
+from histo_jax import checkpointing, optim, parallel, paths, plots, steps
 from histo_jax.data import augment, pipeline, sources, splits as splits_lib
 from histo_jax.metrics import MetricWriter, classification_metrics, softmax
 from histo_jax.models import build_model
@@ -52,8 +52,11 @@ def primary_first(fn, what: str):
 
 
 def setup_compilation_cache(config: ml_collections.ConfigDict) -> None:
-    """JAX's persistent compilation cache (``config.compilation_cache_dir``; '' disables)."""
+    """JAX's persistent compilation cache (``config.compilation_cache_dir``: 'auto' = in the
+    histo_jax cache folder, '' disables)."""
     path = config.get("compilation_cache_dir", "")
+    if path == "auto":
+        path = os.path.join(paths.cache_root(), "jax_compilation_cache")
     if path:
         path = os.path.expanduser(path)
         os.makedirs(path, exist_ok=True)
@@ -69,9 +72,7 @@ def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def demo_cache_dir() -> str:
-    root = os.environ.get("HISTO_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "histo_jax")
-    return os.path.join(root, "demo_dataset")
+    return os.path.join(paths.cache_root(), "demo_dataset")
 
 
 def ensure_demo_dataset(path: str = "") -> str:

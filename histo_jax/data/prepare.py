@@ -37,18 +37,10 @@ import numpy as np
 
 from histo_jax.data.layout import (IMAGE_SUFFIX, DataValidationError, Sample, scan_folder,
                                    validate_dataset)
+from histo_jax.paths import cache_root
 
 PREPARED_FORMAT = 1
 META_FILE = "histo_jax_prepared.json"
-
-
-def cache_root() -> str:
-    """``$HISTO_JAX_CACHE``, else ``$XDG_CACHE_HOME/histo_jax``, else ``~/.cache/histo_jax``."""
-    root = os.environ.get("HISTO_JAX_CACHE")
-    if root:
-        return os.path.expanduser(root)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(xdg, "histo_jax")
 
 
 def prepared_root(data_cfg) -> str:

@@ -24,6 +24,8 @@ import urllib.request
 
 from tqdm import tqdm
 
+from histo_jax import paths
+
 __all__ = [
     "SOURCES",
     "WeightSource",
@@ -35,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "HISTO_JAX_CACHE"
+CACHE_ENV = paths.CACHE_ENV
 _CHUNK = 1 << 20
 
 
@@ -82,11 +84,8 @@ class WeightsUnavailableError(RuntimeError):
 
 def weights_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """``<cache>/weights``: ``cache_dir`` or ``$HISTO_JAX_CACHE`` or the XDG cache."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV)
     if not cache_dir:
-        xdg = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-        cache_dir = pathlib.Path(xdg) / "histo_jax"
+        cache_dir = paths.cache_root()
     return pathlib.Path(cache_dir).expanduser() / "weights"
 
 
