@@ -90,8 +90,8 @@ def attention_panel(images: np.ndarray, attention: np.ndarray, scales: Sequence[
     ``images``: (N, H, W, 3) uint8 or float in [0, 1]; ``attention``: (N, N), row i = query i.
     """
     n = len(scales)
-    fig = plt.figure(figsize=(2.6 * n + 3.4, 3.2))
-    grid = fig.add_gridspec(1, n + 1, width_ratios=[1] * n + [1.25])
+    fig = plt.figure(figsize=(2.6 * n + 3.8, 3.2))
+    grid = fig.add_gridspec(1, n + 1, width_ratios=[1] * n + [1.25], wspace=0.35)
     for i in range(n):
         ax = fig.add_subplot(grid[0, i])
         ax.imshow(images[i])
