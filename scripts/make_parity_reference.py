@@ -42,13 +42,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-try:  # torchvision's compiled ops are missing beside some CPU torch builds: declare them.
-    import torchvision  # noqa: E402
-except (RuntimeError, ImportError):
-    for _n in ("nms", "qnms"):
-        torch.library.define(f"torchvision::{_n}",
-                             "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: E402
+from benchmarks.torch_reference import MultiInputModule, import_torchvision  # noqa: E402
+
+torchvision = import_torchvision()
 import timm  # noqa: E402
 
 from histo_jax.models import convert  # noqa: E402
@@ -62,41 +58,6 @@ CASES = {  # name: (weight seed, batch, num_inputs, image size)
 }
 IMAGE_SEED_OFFSET = 1000
 TRAIN_BN = ("feature_extractor.0.1", "feature_extractor.4.1.block.1.1", "feature_extractor.8.1")
-
-
-class MultiInputModule(nn.Module):
-    """The reference PyTorch model (SPEC section 3)."""
-
-    def __init__(self, num_inputs: int, num_classes: int = 2, embed: int = 128, heads: int = 8,
-                 ffn: int = 512, dropout: float = 0.5):
-        super().__init__()
-        self.feature_extractor = torchvision.models.efficientnet_b0().features
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.proj = nn.Linear(1280, embed)
-        self.attention_layers = nn.ModuleList([
-            nn.MultiheadAttention(embed, heads, dropout=dropout, batch_first=True)
-            for _ in range(num_inputs)])
-        self.norm1 = nn.LayerNorm(embed)
-        self.norm2 = nn.LayerNorm(embed)
-        self.ffn = nn.Sequential(nn.Linear(embed, ffn), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(ffn, embed))
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed * num_inputs, embed),
-                                        nn.ReLU(), nn.Dropout(dropout),
-                                        nn.Linear(embed, num_classes))
-
-    def forward(self, x):  # x: (B, N, 3, H, W)
-        b, n = x.shape[:2]
-        feats = self.pool(self.feature_extractor(x.flatten(0, 1))).flatten(1)
-        tokens = self.proj(feats).view(b, n, -1)
-        fused, attn = [], []
-        for i, mha in enumerate(self.attention_layers):
-            q = tokens[:, i:i + 1]
-            att, w = mha(q, tokens, tokens)
-            h = self.norm1(att + q)
-            h = self.norm2(h + self.ffn(h))
-            fused.append(h[:, 0])
-            attn.append(w[:, 0])
-        return self.classifier(torch.cat(fused, dim=1)), torch.stack(attn, dim=1)
 
 
 class Encoder(nn.Module):
