@@ -13,26 +13,16 @@ Reference: the original PyTorch DataLoader (2 workers, full-size PNGs) delivered
 """
 import argparse
 import json
-import os
 import time
 
 import jax
 import numpy as np
 
-from histo_jax.data import augment, demo, pipeline, sources
+from histo_jax import train
+from histo_jax.data import augment, pipeline, sources
 from histo_jax.data.config import get_data_config
 
 REFERENCE_SAMPLES_PER_S = 6.8
-
-
-def _demo_dir() -> str:
-    root = os.environ.get("HISTO_JAX_CACHE", os.path.expanduser("~/.cache/histo_jax"))
-    path = os.path.join(root, "benchmark_demo")
-    if not os.path.exists(os.path.join(path, "labels.csv")):
-        summary = demo.write_demo_dataset(path)
-        print(json.dumps({"event": "demo_written", "dir": path, "samples": summary["num_samples"],
-                          "seconds": summary["seconds"]}), flush=True)
-    return path
 
 
 def _timed(fn, n):
@@ -53,7 +43,7 @@ def main():
     args = parser.parse_args()
 
     cfg = get_data_config()
-    cfg.dir = args.data_dir or _demo_dir()
+    cfg.dir = args.data_dir or train.ensure_demo_dataset()  # The main job's demo data.
     aug_cfg = augment.AugmentConfig.from_config(cfg, args.num_inputs)
 
     @jax.jit

@@ -153,37 +153,50 @@ def adjust_saturation(img: jax.Array, factor: jax.Array) -> jax.Array:
     return _blend(img, _grayscale(img)[..., None], factor)
 
 
-def _rgb_to_hsv(img: jax.Array) -> jax.Array:
+def _rgb_to_hsv_planes(img: jax.Array):
+    """torchvision ``_rgb2hsv`` on an (..., 3) image -> planes (h, s, v).
+
+    Elementwise max/min and selects only (no argmax or gather) and the two ``fmod``s
+    written as exact subtractions: XLA:CPU lowers ``fmod`` to a scalar libm call, which
+    made this op the most expensive of the augmentation.
+    The max channel is chosen by comparisons (r first, then g, as torchvision's
+    ``maxc == r`` tests), not by equality with ``maxc``: XLA may recompute ``img`` in
+    several fusions with different rounding, and hue is continuous across the branch
+    boundaries while an equality test would fall through to the wrong branch.
+    """
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    # The max channel by argmax (first of ties: r, then g, then b, as torchvision's
-    # equality tests), and maxc read from it: consistent even if XLA recomputes ``img``
-    # with different rounding in different fusions.
-    arg = jnp.argmax(img, axis=-1)
-    maxc = jnp.take_along_axis(img, arg[..., None], axis=-1)[..., 0]
-    minc = jnp.min(img, axis=-1)
+    maxc = jnp.maximum(jnp.maximum(r, g), b)
+    minc = jnp.minimum(jnp.minimum(r, g), b)
     eqc = maxc == minc
     cr = maxc - minc
     s = cr / jnp.where(eqc, 1.0, maxc)
     cr_div = jnp.where(eqc, 1.0, cr)
     rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    h = jnp.where(arg == 0, bc - gc, jnp.where(arg == 1, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = jnp.fmod(h / 6.0 + 1.0, 1.0)
-    return jnp.stack([h, s, maxc], axis=-1)
+    r_max = (r >= g) & (r >= b)
+    g_max = g >= b
+    h = jnp.where(r_max, bc - gc, jnp.where(g_max, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = h / 6.0 + 1.0  # In [5/6, 11/6]: fmod(h, 1) is h - 1 above 1, exactly (Sterbenz).
+    return jnp.where(h >= 1.0, h - 1.0, h), s, maxc
 
 
-def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-    """HSV -> RGB; equals torchvision's sector table (``v, q, p, p, t, v`` ...) for
-    h, s, v in [0, 1], computed as ``v - v * s * clip(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for r, g, b."""
-    h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
-    k = jnp.mod(jnp.array([5.0, 3.0, 1.0]) + h * 6.0, 6.0)
-    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+def _hsv_planes_to_rgb(h: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
+    """HSV planes (h, s, v in [0, 1]) -> RGB (..., 3); equals torchvision's sector table
+    (``v, q, p, p, t, v`` ...), computed as ``v - v * s * clip(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for r, g, b (n + 6h < 12, so the mod is one exact
+    subtraction)."""
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = n + h * 6.0
+        k = jnp.where(k >= 6.0, k - 6.0, k)
+        channels.append(v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0))
+    return jnp.stack(channels, axis=-1)
 
 
 def adjust_hue(img: jax.Array, hue_factor: jax.Array) -> jax.Array:
-    hsv = _rgb_to_hsv(img)
-    hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + hue_factor, 1.0))
-    return jnp.clip(_hsv_to_rgb(hsv), 0.0, 1.0)
+    h, s, v = _rgb_to_hsv_planes(img)
+    h = h + hue_factor  # In [-0.5, 1.5]; jnp.mod(h, 1) without the libm fmod:
+    h = jnp.where(h < 0.0, h + 1.0, jnp.where(h >= 1.0, h - 1.0, h))
+    return jnp.clip(_hsv_planes_to_rgb(h, s, v), 0.0, 1.0)
 
 
 def color_jitter(key: jax.Array, img: jax.Array, strengths: jax.Array) -> jax.Array:
