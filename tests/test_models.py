@@ -204,6 +204,26 @@ def test_batchnorm_follows_pytorch_train_semantics():
     np.testing.assert_allclose(np.asarray(y_eval), expect_eval, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", [False, True])
+def test_fused_batchnorm_backward_equals_autodiff(act):
+    """batch_norm_train's hand-written VJP == autodiff of the same forward (x, scale, bias)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 4, 5, 6)) * 2 + 0.5, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)  # A non-uniform cotangent.
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a) * weight)
+
+    fused = jax.grad(loss(lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, act)), (0, 1, 2))
+    plain = jax.grad(loss(lambda x, s, b: layers._bn_act_forward(x, s, b, 1e-5, act)[0]), (0, 1, 2))
+    for got, want in zip(fused(x, scale, bias), plain(x, scale, bias)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(layers.batch_norm_train(x, scale, bias, 1e-5, act)),
+                                  np.asarray(layers._bn_act_forward(x, scale, bias, 1e-5, act)[0]))
+
+
 def test_stochastic_depth_and_dropout_scale_kept_values():
     x = jnp.ones((1000, 2, 2, 3))
     y = np.asarray(layers.stochastic_depth(x, 0.25, jax.random.key(0)))

@@ -91,7 +91,7 @@ class MBConv(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         y = x if self.expand is None else self.expand(x)
-        y = jax.nn.silu(self.dw_bn(self.dw(y)))
+        y = self.dw_bn(self.dw(y), act=True)
         y = self.project(self.se(y))
         if not self.use_residual:
             return y

@@ -244,8 +244,56 @@ class DepthwiseConv2d(nnx.Module):
         return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
 
 
+def _bn_act_forward(x, scale, bias, eps, act):
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=axes) + eps)
+    y = (xf - mean) * (scale * rstd) + bias
+    return (jax.nn.silu(y) if act else y), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+                     act: bool) -> jax.Array:
+    """Train-mode BatchNorm (batch statistics, biased variance) over all but the last axis,
+    then SiLU if ``act``; float32 result.
+
+    Its hand-written backward saves only ``x`` and two per-channel vectors and recomputes the
+    normalised values (as PyTorch's fused kernels do), where autodiff would keep the centred
+    input, the normalised and activated tensors and the sigmoid: less memory and fewer passes
+    over the activations in the train step. Gradients equal autodiff's (tested).
+    """
+    return _bn_act_forward(x, scale, bias, eps, act)[0]
+
+
+def _bn_train_fwd(x, scale, bias, eps, act):
+    out, (mean, rstd) = _bn_act_forward(x, scale, bias, eps, act)
+    return out, (x, mean, rstd, scale, bias)
+
+
+def _bn_train_bwd(eps, act, res, g):
+    x, mean, rstd, scale, bias = res
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dy = g.astype(jnp.float32)
+    if act:
+        y = xhat * scale + bias
+        sig = jax.nn.sigmoid(y)
+        dy = dy * (sig * (1.0 + y * (1.0 - sig)))
+    dbias = jnp.sum(dy, axis=axes)
+    dscale = jnp.sum(dy * xhat, axis=axes)
+    dx = (scale * rstd) * (dy - (dbias / n) - xhat * (dscale / n))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
 class BatchNorm(nnx.Module):
-    """BatchNorm over all but the last axis with exact PyTorch ``BatchNorm2d`` semantics.
+    """BatchNorm over all but the last axis with exact PyTorch ``BatchNorm2d`` semantics,
+    optionally followed by SiLU (``bn(x, act=True)``, fused into one op in training).
 
     Training normalises with the biased batch variance and updates
     ``var <- (1 - momentum) * var + momentum * unbiased_batch_var`` (``momentum`` is PyTorch's,
@@ -263,21 +311,21 @@ class BatchNorm(nnx.Module):
         self.dtype = dtype
         self.use_running_average = use_running_average
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
+    def __call__(self, x: jax.Array, act: bool = False) -> jax.Array:
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            n = xf.size // xf.shape[-1]
-            unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
-            self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-        mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
-        y = (xf - mean) * mul + self.bias[...]
+            mul = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
+            y = (x.astype(jnp.float32) - self.mean[...]) * mul + self.bias[...]
+            return (jax.nn.silu(y) if act else y).astype(self.dtype)
+        # Running statistics: the same reductions as inside batch_norm_train (XLA shares them).
+        xf = jax.lax.stop_gradient(x).astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(xf, axis=axes)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes)
+        n = xf.size // xf.shape[-1]
+        m = self.momentum
+        self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
+        self.var[...] = (1.0 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+        y = batch_norm_train(x, self.scale[...], self.bias[...], self.eps, act)
         return y.astype(self.dtype)
 
 
@@ -292,5 +340,4 @@ class ConvBN(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.bn(self.conv(x))
-        return jax.nn.silu(y) if self.act else y
+        return self.bn(self.conv(x), act=self.act)
