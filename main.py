@@ -11,10 +11,15 @@ embedded demo dataset is used (generated on first use).
 import logging as std_logging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from histo_jax import hostenv
 
-from histo_jax import grid, parallel, train
+if __name__ == "__main__":  # First, before JAX starts threads: see histo_jax/hostenv.py.
+    hostenv.reexec_with_malloc_tuning()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from histo_jax import grid, parallel, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (get_config()).",

@@ -59,4 +59,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from histo_jax import hostenv
+    hostenv.reexec_with_malloc_tuning()  # As the trainer runs (histo_jax/hostenv.py).
     main()

@@ -320,12 +320,17 @@ def main(argv=None) -> None:
     if a.worker:
         (jax_worker if a.worker == "jax" else torch_worker)(a)
         return
+    # Both workers inherit the trainer's host allocator setting (huge pages for malloc;
+    # histo_jax/hostenv.py): HISTO_JAX_MALLOC_TUNING=0 measures without it.
+    sys.path.insert(0, str(ROOT))
+    from histo_jax import hostenv
+    hostenv.reexec_with_malloc_tuning()
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {MODES}")
     _emit({"host": platform.node(), "cpus": os.cpu_count(), "load": _load(),
-           "argv": sys.argv[1:]})
+           "argv": sys.argv[1:], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
     for n in (int(x) for x in a.inputs.split(",")):
         torch_train = None
         for mode in modes:

@@ -221,5 +221,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from histo_jax import hostenv
+    hostenv.reexec_with_malloc_tuning()  # Huge pages for XLA:CPU buffers (see hostenv).
     _define_flags()
     app.run(main)

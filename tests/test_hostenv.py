@@ -1,0 +1,45 @@
+"""The host allocator setting of the entry points (histo_jax/hostenv.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from histo_jax import hostenv
+
+
+def test_adds_the_tunable_once_and_keeps_the_users_tunables():
+    env = hostenv.tuned_environment({"PATH": "/bin"}, thp_available=True)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": hostenv.TUNABLE}
+    env = hostenv.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp_available=True)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hostenv.TUNABLE
+    # Already there (the restarted process, or the user's own choice): nothing to do.
+    assert hostenv.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+                                     thp_available=True) is None
+    assert hostenv.tuned_environment(env, thp_available=True) is None
+
+
+def test_opt_out_and_no_huge_pages_mean_no_restart():
+    assert hostenv.tuned_environment({hostenv.OPT_OUT_ENV: "0"}, thp_available=True) is None
+    assert hostenv.tuned_environment({}, thp_available=False) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hostenv._thp_available(),
+                    reason="needs Linux with transparent huge pages")
+def test_entry_point_restarts_itself_with_the_tunable(tmp_path):
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import os, sys\n"
+        "from histo_jax import hostenv\n"
+        "print('start', flush=True)\n"
+        "hostenv.reexec_with_malloc_tuning()\n"
+        "print('tunables', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT_ENV)}
+    out = subprocess.run([sys.executable, str(script), "--flag=1"], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    # Started twice (the second time with the tunable), same arguments, then ran on.
+    assert out == ["start", "start", f"tunables {hostenv.TUNABLE} ['--flag=1']"]
+    env[hostenv.OPT_OUT_ENV] = "0"
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["start", "tunables None []"]
