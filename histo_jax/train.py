@@ -262,15 +262,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_time = time.time() - t0
 
         # Validation, best weights, early stopping.
+        t0 = time.time()
         ev = evaluate_dataset(eval_step, state.params, state.batch_stats, val_loader, mesh,
                               progress=config.progress, desc="validation")
+        val_time = time.time() - t0
         vm = classification_metrics(ev["labels"], ev["logits"], num_classes)
         val_loss = _weighted_ce_host(ev["logits"], ev["labels"], weights)
         n_steps = max(meta["sums"][2], 1)
         row = {"epoch": epoch + 1, "train_loss": meta["sums"][0] / n_steps,
                "train_accuracy": meta["sums"][1] / n_steps, "val_loss": val_loss,
                "val_macro_f1": vm["macro_f1"], "val_accuracy": vm["accuracy"],
-               "samples_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9)}
+               "samples_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9),
+               "train_s": train_time, "val_s": val_time}
         meta["history"].append(row)
         writer.write(int(state.step), {f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
                      epoch=epoch + 1)

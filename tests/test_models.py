@@ -224,6 +224,24 @@ def test_fused_batchnorm_backward_equals_autodiff(act):
                                   np.asarray(layers._bn_act_forward(x, scale, bias, 1e-5, act)[0]))
 
 
+def test_pointwise_matmul_backward_equals_autodiff():
+    """The 1x1 conv's hand-written VJP (weight gradient as dot(x, dy)) == autodiff's."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 3, 7)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((7, 4)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, (((3,), (0,)), ((), ())))
+
+    np.testing.assert_allclose(np.asarray(layers.pointwise_matmul(x, w)), np.asarray(plain(x, w)),
+                               rtol=1e-6, atol=1e-6)
+    got = jax.grad(lambda x, w: jnp.sum(layers.pointwise_matmul(x, w) * weight), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(plain(x, w) * weight), (0, 1))(x, w)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
 def test_stochastic_depth_and_dropout_scale_kept_values():
     x = jnp.ones((1000, 2, 2, 3))
     y = np.asarray(layers.stochastic_depth(x, 0.25, jax.random.key(0)))

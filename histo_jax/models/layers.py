@@ -122,6 +122,34 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
+@jax.custom_vjp
+def pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` over the last axis of x (a 1x1 convolution); w is (C_in, C_out).
+
+    Its backward computes the weight gradient as ``dot_general(x, dy)`` contracting the
+    pixel axis, which XLA:CPU canonicalises by transposing ``x`` (a stored activation: a
+    plain tiled transpose). Autodiff's form transposes ``dy`` instead, and XLA fuses the
+    elementwise ops producing ``dy`` (the BatchNorm backward) into that transpose: a loop
+    with strided reads over the largest tensors of the step, several times slower.
+    """
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _pointwise_fwd(x, w):
+    return pointwise_matmul(x, w), (x, w)
+
+
+def _pointwise_bwd(res, g):
+    x, w = res
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    batch_axes = tuple(range(x.ndim - 1))
+    dw = jax.lax.dot_general(x, g, ((batch_axes, batch_axes), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+pointwise_matmul.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 class Conv2d(nnx.Module):
     """Dense 2-D convolution, NHWC / HWIO, symmetric padding, optional bias."""
 
@@ -139,7 +167,7 @@ class Conv2d(nnx.Module):
         if self.kernel_size == 1 and self.stride == 1:
             # A pointwise conv is a matmul over channels; as a dot, XLA:CPU runs it and its
             # gradients with its matmul kernels instead of the (much slower) conv emitter.
-            y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+            y = pointwise_matmul(x, kernel[0, 0])
         else:
             y = jax.lax.conv_general_dilated(
                 x, kernel, window_strides=(self.stride, self.stride),
