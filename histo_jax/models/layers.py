@@ -344,7 +344,7 @@ class BatchNorm(nnx.Module):
             mul = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
             y = (x.astype(jnp.float32) - self.mean[...]) * mul + self.bias[...]
             return (jax.nn.silu(y) if act else y).astype(self.dtype)
-        # Running statistics: the same reductions as inside batch_norm_train (XLA shares them).
+        # Running statistics: the same reductions as inside batch_norm_train (CSE can merge them).
         xf = jax.lax.stop_gradient(x).astype(jnp.float32)
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(xf, axis=axes)
