@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,11 +54,16 @@ def run_histo_jax(a, data_dir: str, workdir: str) -> dict:
            f"--workdir={workdir}", f"--config.data.dir={data_dir}",
            f"--config.num_epochs={a.epochs}", "--config.model.pretrained=none",
            "--config.progress=False"]
-    if a.cold_compile:
-        cmd.append(f"--config.compilation_cache_dir={tempfile.mkdtemp(prefix='jaxcache-')}")
+    cache = tempfile.mkdtemp(prefix="jaxcache-") if a.cold_compile else ""
+    if cache:
+        cmd.append(f"--config.compilation_cache_dir={cache}")
     load_before = _load()
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=str(ROOT), check=True)
+    try:
+        subprocess.run(cmd, cwd=str(ROOT), check=True)
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     epochs = [{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("epoch/")}
@@ -102,6 +108,9 @@ def main() -> None:
 
     data_dir = os.path.abspath(a.data_dir) if a.data_dir else train.ensure_demo_dataset()
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="e2e-histo_jax-"))
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        p.error(f"--workdir {workdir} is not empty: main.py would resume or skip a finished run "
+                "there, and the timing would be meaningless. Give a new or empty folder.")
     _emit({"host": os.uname().nodename, "cpus": os.cpu_count(), "load": _load(),
            "data_dir": data_dir, "workdir": workdir, "argv": sys.argv[1:],
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
