@@ -20,17 +20,22 @@ import logging
 import os
 from typing import Sequence
 
-import jax
-import ml_collections
-import numpy as np
-from absl import app, flags
-from flax import nnx
+from histo_jax import hostenv
 
-from histo_jax import checkpointing, parallel, plots, steps
-from histo_jax.config import get_base_config
-from histo_jax.data import layout, pipeline, sources
-from histo_jax.metrics import classification_metrics, softmax
-from histo_jax.models import build_model, load_pytorch
+if __name__ == "__main__":  # First, before the heavy imports: see histo_jax/hostenv.py.
+    hostenv.reexec_with_malloc_tuning()
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from histo_jax import checkpointing, parallel, plots, steps  # noqa: E402
+from histo_jax.config import get_base_config  # noqa: E402
+from histo_jax.data import layout, pipeline, sources  # noqa: E402
+from histo_jax.metrics import classification_metrics, softmax  # noqa: E402
+from histo_jax.models import build_model, load_pytorch  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +226,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from histo_jax import hostenv
-    hostenv.reexec_with_malloc_tuning()  # Huge pages for XLA:CPU buffers (see hostenv).
     _define_flags()
     app.run(main)

@@ -124,40 +124,27 @@ class WeightedReplacementSampler:
         return grain.RecordMetadata(index=int(index), record_key=key)
 
 
-class _SequentialSampler:
-    """Global stream for evaluation: draw g -> position g (positions >= n are padding)."""
+class _IndexSampler:
+    """Grain sampler mapping draw i -> record i, for i < n.
 
-    def __init__(self, num_positions: int):
-        self._n = num_positions
+    Used for the evaluation stream (positions >= the sample count are padding) and, over
+    batches, for the loaders' own index (``description``: repr of the batch source, kept in
+    the iterator state for validation).
+    """
+
+    def __init__(self, n: int, description: str = ""):
+        self._n = n
+        self._description = description
 
     def __len__(self) -> int:
         return self._n
 
     def __repr__(self) -> str:
-        return f"_SequentialSampler({self._n})"
+        return f"_IndexSampler({self._n}, {self._description})"
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < self._n:
-            raise IndexError(f"_SequentialSampler: {index} out of range [0, {self._n}).")
-        return grain.RecordMetadata(index=int(index), record_key=int(index))
-
-
-class _BatchIndexSampler:
-    """Grain sampler over this process's batches: record j = local batch j."""
-
-    def __init__(self, num_batches: int, description: str):
-        self._num_batches = num_batches
-        self._description = description  # repr of the batch source, for state validation.
-
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def __repr__(self) -> str:
-        return f"_BatchIndexSampler({self._num_batches}, {self._description})"
-
-    def __getitem__(self, index: int) -> grain.RecordMetadata:
-        if not 0 <= index < self._num_batches:
-            raise IndexError(f"_BatchIndexSampler: batch {index} out of range [0, {self._num_batches}).")
+            raise IndexError(f"_IndexSampler: {index} out of range [0, {self._n}).")
         return grain.RecordMetadata(index=int(index), record_key=int(index))
 
 
@@ -255,7 +242,7 @@ def _data_loader(batch_source: _GlobalBatchSource, num_workers: int, read_thread
     _ensure_absl_flags_parsed(num_workers)
     return grain.DataLoader(
         data_source=batch_source,
-        sampler=_BatchIndexSampler(len(batch_source), repr(batch_source)),
+        sampler=_IndexSampler(len(batch_source), repr(batch_source)),
         worker_count=num_workers,
         worker_buffer_size=prefetch_batches,
         shard_options=grain.sharding.NoSharding(),  # Process slicing is done by the source.
@@ -323,7 +310,7 @@ def make_eval_loader(source, indices: Sequence[int], *, global_batch_size: int, 
     indices = np.asarray(indices, np.int64)
     _labels_of(source, indices)
     num_batches = math.ceil(len(indices) / global_batch_size)
-    sampler = _SequentialSampler(num_batches * global_batch_size)
+    sampler = _IndexSampler(num_batches * global_batch_size)
     batches = _GlobalBatchSource(source, sampler, global_batch_size=global_batch_size,
                                  num_inputs=num_inputs, process_index=process_index,
                                  process_count=process_count, record_keys=indices,
