@@ -217,11 +217,11 @@ def test_fused_batchnorm_backward_equals_autodiff(act):
         return lambda *a: jnp.sum(fn(*a) * weight)
 
     fused = jax.grad(loss(lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5, act)), (0, 1, 2))
-    plain = jax.grad(loss(lambda x, s, b: layers._bn_act_forward(x, s, b, 1e-5, act)[0]), (0, 1, 2))
+    plain = jax.grad(loss(lambda x, s, b: layers.bn_act_forward(x, s, b, 1e-5, act)[0]), (0, 1, 2))
     for got, want in zip(fused(x, scale, bias), plain(x, scale, bias)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(layers.batch_norm_train(x, scale, bias, 1e-5, act)),
-                                  np.asarray(layers._bn_act_forward(x, scale, bias, 1e-5, act)[0]))
+                                  np.asarray(layers.bn_act_forward(x, scale, bias, 1e-5, act)[0]))
 
 
 def test_pointwise_matmul_backward_equals_autodiff():
@@ -240,6 +240,48 @@ def test_pointwise_matmul_backward_equals_autodiff():
     want = jax.grad(lambda x, w: jnp.sum(plain(x, w) * weight), (0, 1))(x, w)
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_ch,out_ch,expand,kernel,stride,dtype", [
+    (8, 8, 1, 3, 1, "float32"),     # no expand conv (the first B0 block), residual
+    (8, 16, 6, 3, 2, "float32"),    # expand, stride 2
+    (16, 16, 6, 5, 1, "float32"),   # expand, 5x5, residual
+    (8, 16, 6, 5, 2, "bfloat16"),
+])
+def test_mbconv_fused_train_core_equals_module_path(in_ch, out_ch, expand, kernel, stride, dtype):
+    """mbconv_core_train (one op, recomputing backward) == the block module by module:
+    output, gradients of every parameter and of the input, and running statistics."""
+    from histo_jax.models.efficientnet import MBConv
+    dt = jnp.dtype(dtype)
+    x = _images((3, 12, 12, in_ch), seed=3) * 2 - 1
+    weight = _images((3, 12 // stride, 12 // stride, out_ch), seed=4) - 0.5
+
+    def run(fused):
+        block = MBConv(in_ch, out_ch, expand, kernel, stride, drop_rate=0.0, depthwise="shift",
+                       bn_eps=1e-5, dtype=dt, rngs=nnx.Rngs(params=0))
+        block.fused_train = fused
+        graph, params, stats = nnx.split(block, nnx.Param, nnx.BatchStat)
+
+        def loss(params, x):
+            b = nnx.merge(graph, params, stats, copy=True)
+            y = b(x.astype(dt))
+            return jnp.sum(y.astype(jnp.float32) * weight), (y, nnx.state(b, nnx.BatchStat))
+
+        (_, (y, new_stats)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+            params, x)
+        return y, grads, new_stats
+
+    (y0, g0, s0), (y1, g1, s1) = run(False), run(True)
+    tol = {"float32": 1e-4, "bfloat16": 3e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y0, np.float32),
+                               rtol=tol, atol=tol)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=tol, atol=tol * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert sum(a.size for a in jax.tree.leaves(g0)) > 0
 
 
 def test_stochastic_depth_and_dropout_scale_kept_values():
