@@ -96,7 +96,7 @@ def jax_worker(a: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
-    from histo_jax import optim, parallel, steps
+    from histo_jax import hostenv, optim, parallel, steps
     from histo_jax.config import get_base_config
     from histo_jax.data import augment
     from histo_jax.models import build_model
@@ -149,6 +149,8 @@ def jax_worker(a: argparse.Namespace) -> None:
             holder["state"], metrics = compiled(holder["state"], batch, key)
             return metrics
     rss_compile = _rss_peak_mb()
+    if a.mode != "eval":
+        hostenv.release_free_memory()  # as the trainer does after compiling its train step
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     first_s = time.perf_counter() - t0

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from histo_jax import checkpointing, optim, parallel, paths, plots, steps
+from histo_jax import checkpointing, hostenv, optim, parallel, paths, plots, steps
 from histo_jax.data import augment, pipeline, sources, splits as splits_lib
 from histo_jax.metrics import MetricWriter, classification_metrics, softmax
 from histo_jax.models import build_model
@@ -208,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("Resumed from %s at step %d (epoch %d).", ckpt.latest.directory,
                  int(state.step), meta["epoch"])
     writer = MetricWriter(workdir, enabled=primary)
+    compiled_step = None
 
     def save_latest():
         ckpt.save_latest(int(state.step), state, train_iter, meta)
@@ -246,7 +247,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         while meta["step_in_epoch"] < steps_per_epoch:
             batch = parallel.global_batch(mesh, next(train_iter))
-            state, m = train_step(state, {"images": batch["images"], "labels": batch["labels"]}, base_key)
+            batch = {"images": batch["images"], "labels": batch["labels"]}
+            if compiled_step is None:
+                # Compiled ahead of the first step, so that the compiler's freed memory goes
+                # back to the system before the step allocates its own (peak memory).
+                compiled_step = train_step.lower(state, batch, base_key).compile()
+                hostenv.release_free_memory()
+            state, m = compiled_step(state, batch, base_key)
             pending.append(m)
             meta["step_in_epoch"] += 1
             step += 1

@@ -43,3 +43,29 @@ def test_entry_point_restarts_itself_with_the_tunable(tmp_path):
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
     assert out == ["start", "tunables None []"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_release_free_memory_returns_freed_heap_pages():
+    """Freed small-chunk memory stays resident until malloc_trim hands it back."""
+    script = (
+        "import ctypes, ctypes.util\n"
+        "from histo_jax import hostenv\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+        "ptrs = [libc.malloc(64 * 1024) for _ in range(4000)]\n"  # 256 MB of heap chunks
+        "for p in ptrs: ctypes.memset(p, 1, 64 * 1024)\n"
+        "keep = libc.malloc(16)\n"  # pins the heap top, so free() alone cannot shrink it
+        "for p in ptrs: libc.free(p)\n"
+        "before = rss()\n"
+        "released = hostenv.release_free_memory()\n"
+        "print(released, before - rss())\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env[hostenv.OPT_OUT_ENV] = "0"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) > 200 * 1024  # kB: most of the 256 MB went back to the system
