@@ -3,11 +3,11 @@
 XLA:CPU allocates each step's temp buffer (now 0.8 GB for a 1-input train step at batch 25
 and 3.1 GB for 4 inputs; 2.1 and 8.4 GB when this was measured) with ``posix_memalign`` on
 a worker thread. glibc serves an allocation that large in a thread arena with a fresh
-``mmap`` and unmaps it on free, so every step page-faults the whole buffer back in, 4 KiB at
-a time. For the 4-input step that was 2.1 M
-page faults and about 3 s of kernel time out of 12.6 s. With the glibc tunable
-``glibc.malloc.hugetlb=1`` (glibc >= 2.35), malloc asks for transparent huge pages on its
-mappings: about 6 K faults per step, and the step took 9.4 s.
+``mmap`` and unmaps it on free, so every step page-faults the whole buffer back in, 4 KiB
+at a time. For the 4-input step that was 2.1 M page faults and about 3 s of kernel time out
+of 12.6 s. With the glibc tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35), malloc asks
+for transparent huge pages on its mappings: about 6 K faults per step, and the step took
+9.4 s.
 
 glibc reads tunables once, when the process starts. So the entry points (``main.py``,
 ``python -m histo_jax.predict``, the benchmarks) call :func:`reexec_with_malloc_tuning`
