@@ -133,10 +133,6 @@ def _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project):
     return (p, tuple(stats)), res
 
 
-def _core_fwd(spec, e, bn_expand, kernel, bn_dw, se, w_project):
-    return _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project)
-
-
 def _core_bwd(spec, res, cts):
     g = cts[0]  # the statistics' cotangents are ignored: they feed only running averages
     e, saved, d, (mean2, rstd2), pooled, gate, bn_expand, kernel, bn_dw, se, w_project = res
@@ -171,7 +167,7 @@ def _core_bwd(spec, res, cts):
             dw_project.astype(w_project.dtype))
 
 
-mbconv_core_train.defvjp(_core_fwd, _core_bwd)
+mbconv_core_train.defvjp(_core_forward, _core_bwd)
 
 
 def _not_before(v: jax.Array, t: jax.Array) -> jax.Array:
@@ -184,7 +180,8 @@ class MBConv(nnx.Module):
 
     In train mode with the ``shift`` depthwise implementation (XLA:CPU), the part between
     the expand conv and the project BatchNorm runs as :func:`mbconv_core_train`, whose
-    backward recomputes instead of storing; elsewhere module by module (same numbers).
+    backward recomputes instead of storing; elsewhere module by module (same numbers;
+    ``block.fused_train = False`` forces the module path).
     """
 
     def __init__(self, in_ch: int, out_ch: int, expand: int, kernel: int, stride: int, *,
