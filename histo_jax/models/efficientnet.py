@@ -138,10 +138,10 @@ def _core_bwd(spec, res, cts):
     e, saved, d, (mean2, rstd2), pooled, gate, bn_expand, kernel, bn_dw, se, w_project = res
     dt = spec.dtype
     f32 = jnp.float32
-    # Recomputations are made to depend on the incoming gradient (``_not_before``) so that
+    # Recomputations are made to depend on the incoming gradient (``layers.not_before``) so that
     # XLA:CPU's scheduler does not hoist them to the start of the backward pass, where they
     # would all be alive at once.
-    a2 = layers.bn_act_recompute(d, _not_before(mean2, g), rstd2, *bn_dw, True).astype(dt)
+    a2 = layers.bn_act_recompute(d, layers.not_before(mean2, g), rstd2, *bn_dw, True).astype(dt)
     # project: z = a2 * gate, p = z @ w
     dz, dw_project = layers.pointwise_backward((a2 * gate, w_project.astype(dt)), g)
     # squeeze-excitation: gate = se_gate(pool(a2)), z = a2 * gate
@@ -154,7 +154,7 @@ def _core_bwd(spec, res, cts):
     a1 = e
     if bn_expand is not None:
         (mean1, rstd1), = saved
-        a1 = layers.bn_act_recompute(e, _not_before(mean1, dbias2), rstd1, *bn_expand, True)
+        a1 = layers.bn_act_recompute(e, layers.not_before(mean1, dbias2), rstd1, *bn_expand, True)
         a1 = a1.astype(dt)
     da1, dkernel = layers.shift_backward(spec.stride, (a1, kernel.astype(dt)), dd.astype(dt))
     if bn_expand is None:
@@ -169,10 +169,6 @@ def _core_bwd(spec, res, cts):
 
 mbconv_core_train.defvjp(_core_forward, _core_bwd)
 
-
-def _not_before(v: jax.Array, t: jax.Array) -> jax.Array:
-    """``v``, made to depend on ``t`` (adds ``0 * max(t)``; not simplified away for floats)."""
-    return v + (jnp.max(t) * 0).astype(v.dtype)
 
 
 class MBConv(nnx.Module):

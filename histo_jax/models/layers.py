@@ -122,18 +122,20 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
-def _after(dx: jax.Array, dw: jax.Array) -> jax.Array:
-    """``dx``, made to depend on the parameter gradient ``dw`` (adds ``0 * sum(dw)``).
+def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
+    """``v``, made to depend on ``t`` for XLA's scheduler: ``v + 0 * max(t)``.
 
-    XLA:CPU's scheduler otherwise runs the whole input-gradient chain down to the stem first
-    and the parameter gradients (which read the stored activations) last, so that every
-    activation of the step stays alive until the end of the backward pass. Tying each
-    ``dx`` to its ``dw`` makes the backward go block by block and free the activations as it
-    goes. ``0 * v`` is not simplified away for floats (it is NaN for non-finite ``v``); a
-    single element of ``dw`` would not do (XLA slices the producer down to that element),
-    and ``optimization_barrier`` cannot be used: XLA:CPU removes barriers before scheduling.
+    Used in the hand-written backward passes. XLA:CPU's scheduler otherwise runs the whole
+    input-gradient chain down to the stem first and the parameter gradients (which read the
+    stored activations) last, so that every activation of the step stays alive until the end
+    of the backward pass; tying each ``dx`` to its ``dw`` makes the backward go block by
+    block. It also keeps recomputations from being hoisted to the start of the backward.
+    ``0 * v`` is not simplified away for floats (it is NaN for non-finite ``v``). Neither a
+    single element of ``t`` (XLA slices the producer down to it) nor ``sum(t)`` (XLA merges
+    reductions and materialises their products) works, and ``optimization_barrier`` cannot
+    be used: XLA:CPU removes barriers before scheduling.
     """
-    return dx + (jnp.max(dw) * 0).astype(dx.dtype)
+    return v + (jnp.max(t) * 0).astype(v.dtype)
 
 
 @jax.custom_vjp
@@ -159,7 +161,7 @@ def pointwise_backward(res, g):
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
     batch_axes = tuple(range(x.ndim - 1))
     dw = jax.lax.dot_general(x, g, ((batch_axes, batch_axes), ((), ())))
-    dx = _after(dx, dw)
+    dx = not_before(dx, dw)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -268,7 +270,7 @@ def shift_backward(stride, res, g):
                                (1, stride, stride, 1))
             taps.append(jnp.sum(sl.astype(jnp.float32) * gf, axis=(0, 1, 2)))
     dk = jnp.stack(taps).reshape(k, k, 1, c).astype(kernel.dtype)
-    dx = _after(dx, dk)
+    dx = not_before(dx, dk)
     return dx.astype(x.dtype), dk
 
 
