@@ -121,7 +121,9 @@ def test_grid_summary_and_skip_of_finished_cells(tmp_path, monkeypatch):
     assert seen == [(1, 0, 0), (1, 1, 1), (2, 0, 0), (2, 1, 1)]
     assert [r["num_inputs"] for r in rows] == [1, 2]
     np.testing.assert_allclose([r["mean_test_f1"] for r in rows], [0.65, 0.85])
-    np.testing.assert_allclose([r["std_test_f1"] for r in rows], [np.std([.6, .7], ddof=1)] * 2)
+    # The reference's figure is np.std (population, ddof=0); the sample std has its own column.
+    np.testing.assert_allclose([r["std_test_f1"] for r in rows], [0.05, 0.05])
+    np.testing.assert_allclose([r["sample_std_test_f1"] for r in rows], [np.std([.6, .7], ddof=1)] * 2)
     csv_lines = open(tmp_path / "results.csv").read().splitlines()
     assert csv_lines[0].startswith("num_inputs,mean_test_f1,std_test_f1,n_runs")
     assert len(csv_lines) == 3
