@@ -137,36 +137,61 @@ def _make_scene(rng: np.random.Generator, cue_a: bool, cue_b: bool) -> dict:
 
 # ----------------------------------------------------------------------------- render
 
-def _sample_grid(grid: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Bilinear sample of a noise grid spanning the field, at (coords x coords) -> world-consistent."""
-    g = grid.shape[0] - 1
-    t = np.clip(coords / FIELD * g, 0, g - 1e-4)
-    i = t.astype(np.int64)
-    f = (t - i).astype(np.float32)
-    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
-    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+def _sample_grid(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray | None = None,
+                 extent: tuple[float, float] = (FIELD, FIELD)) -> np.ndarray:
+    """Bilinear sample of a noise grid spanning ``extent`` (height, width) px, at (rows x cols)
+    scene coordinates (``cols`` defaults to ``rows``) -> world-consistent texture."""
+
+    def index(coords, g, size):
+        t = np.clip(coords / size * g, 0, g - 1e-4)
+        i = t.astype(np.int64)
+        return i, (t - i).astype(np.float32)
+
+    i, f = index(rows, grid.shape[0] - 1, extent[0])
+    j, h = (i, f) if cols is None else index(cols, grid.shape[1] - 1, extent[1])
+    out = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
+    return out[:, j] * (1 - h)[None, :] + out[:, j + 1] * h[None, :]
 
 
 def _render(scene: dict, half: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and eosin density maps (RENDER x RENDER) of the centred window of half-width ``half``."""
-    px = 2 * half / RENDER
     x0 = FIELD / 2 - half
-    coords = x0 + (np.arange(RENDER, dtype=np.float32) + 0.5) * px
-    texture = sum(w * _sample_grid(scene[name], coords) for name, w in (("coarse", 0.15), ("fine", 0.1)))
-    eosin = scene["stroma_cells"] * (1 + texture + 0.06 * rng.normal(0, 1, (RENDER, RENDER)))
-    haem = np.full((RENDER, RENDER), 0.08, np.float32)
+    return render_window(scene, x0, x0, 2 * half / RENDER, (RENDER, RENDER), rng)
+
+
+def render_window(scene: dict, x0: float, y0: float, px: float, shape: tuple[int, int],
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin density maps of shape (rows, cols) of a scene window.
+
+    The window starts at scene coordinates (x0, y0) with ``px`` scene units per output
+    pixel. ``scene`` is a dict of ``_make_scene`` (a 2048 px field) or a larger scene with
+    the same keys (``histo_jax/slides/synthetic.py``): an optional ``extent`` (height,
+    width) for its noise grids, and ``stroma_cells`` a number or a function
+    ``(rows, cols) -> (len(rows), len(cols))`` of the scene coordinates.
+    """
+    ny, nx = shape
+    ys = y0 + (np.arange(ny, dtype=np.float32) + 0.5) * px
+    xs = x0 + (np.arange(nx, dtype=np.float32) + 0.5) * px
+    extent = scene.get("extent", (FIELD, FIELD))
+    texture = sum(w * _sample_grid(scene[name], ys, xs, extent)
+                  for name, w in (("coarse", 0.15), ("fine", 0.1)))
+    cells = scene["stroma_cells"]
+    if callable(cells):
+        cells = cells(ys, xs)
+    eosin = cells * (1 + texture + 0.06 * rng.normal(0, 1, (ny, nx)))
+    haem = np.full((ny, nx), 0.08, np.float32)
 
     # Follicles: cell band first, then colloid (optionally retracted from the wall).
     fol = scene["follicles"]
     for stage in ("band", "colloid"):
         for (x, y, r, asp, ang, colloid, retracted) in fol:
             reach = r + 16
-            i0, i1 = np.searchsorted(coords, [y - reach, y + reach])
-            j0, j1 = np.searchsorted(coords, [x - reach, x + reach])
+            i0, i1 = np.searchsorted(ys, [y - reach, y + reach])
+            j0, j1 = np.searchsorted(xs, [x - reach, x + reach])
             if i0 >= i1 or j0 >= j1:
                 continue
-            dy = coords[i0:i1, None] - y
-            dx = coords[None, j0:j1] - x
+            dy = ys[i0:i1, None] - y
+            dx = xs[None, j0:j1] - x
             ca, sa = np.cos(ang), np.sin(ang)
             u, v = ca * dx + sa * dy, (-sa * dx + ca * dy) / asp
             q = np.sqrt(u * u + v * v) / r
@@ -185,18 +210,18 @@ def _render(scene: dict, half: float, rng: np.random.Generator) -> tuple[np.ndar
     # Nuclei: vectorised splats of soft irregular ellipses.
     nuc = scene["nuclei"]
     reach = nuc[:, 2] + 2 * px
-    keep = ((nuc[:, 0] + reach > x0) & (nuc[:, 0] - reach < x0 + 2 * half)
-            & (nuc[:, 1] + reach > x0) & (nuc[:, 1] - reach < x0 + 2 * half))
+    keep = ((nuc[:, 0] + reach > x0) & (nuc[:, 0] - reach < x0 + nx * px)
+            & (nuc[:, 1] + reach > y0) & (nuc[:, 1] - reach < y0 + ny * px))
     nuc = nuc[keep]
     if len(nuc):
         size = int(np.ceil(2 * nuc[:, 2].max() / px)) + 3
         off = np.arange(size) - size // 2
-        ci = np.floor((nuc[:, 1] - x0) / px).astype(np.int64)
+        ci = np.floor((nuc[:, 1] - y0) / px).astype(np.int64)
         cj = np.floor((nuc[:, 0] - x0) / px).astype(np.int64)
         ii = ci[:, None, None] + off[None, :, None]
         jj = cj[:, None, None] + off[None, None, :]
         ii, jj = np.broadcast_arrays(ii, jj)
-        dy = x0 + (ii + 0.5) * px - nuc[:, 1, None, None]
+        dy = y0 + (ii + 0.5) * px - nuc[:, 1, None, None]
         dx = x0 + (jj + 0.5) * px - nuc[:, 0, None, None]
         ca, sa = np.cos(nuc[:, 4])[:, None, None], np.sin(nuc[:, 4])[:, None, None]
         u = (ca * dx + sa * dy) / nuc[:, 2, None, None]
@@ -207,7 +232,7 @@ def _render(scene: dict, half: float, rng: np.random.Generator) -> tuple[np.ndar
         soft = nuc[:, 3, None, None] / px
         cover = np.clip((1 - rho) * soft + 0.5, 0, 1)
         dens = nuc[:, 5, None, None] * cover * (0.85 + 0.3 * rng.random(cover.shape))
-        ok = (ii >= 0) & (ii < RENDER) & (jj >= 0) & (jj < RENDER) & (cover > 0)
+        ok = (ii >= 0) & (ii < ny) & (jj >= 0) & (jj < nx) & (cover > 0)
         np.add.at(haem, (ii[ok], jj[ok]), dens[ok])
     return np.clip(haem, 0, 3.5), np.clip(eosin, 0, 1.5)
 
@@ -215,6 +240,11 @@ def _render(scene: dict, half: float, rng: np.random.Generator) -> tuple[np.ndar
 def _to_rgb(haem: np.ndarray, eosin: np.ndarray, stain: np.ndarray) -> np.ndarray:
     od = haem[..., None] * (_HAEM * stain[0]) + eosin[..., None] * (_EOSIN * stain[1])
     return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
+
+
+def stain_to_rgb(haem: np.ndarray, eosin: np.ndarray, stain: Sequence[float]) -> np.ndarray:
+    """uint8 RGB of haematoxylin / eosin density maps (Beer-Lambert), stain strengths (h, e)."""
+    return _to_rgb(haem, eosin, np.asarray(stain, np.float32))
 
 
 def sample_cues(seed: int, sample: int, label: int) -> tuple[bool, bool]:
