@@ -2,6 +2,12 @@
 
     python -m histo_jax.predict --run=runs/four_scale --data_dir=NEW --out=predictions
     python -m histo_jax.predict --pytorch=multi_input_model.pth --data_dir=NEW --out=predictions
+    python -m histo_jax.predict --run=runs/four_scale --slides=SLIDES [PATH ...] --out=OUT [--stride=S]
+
+With ``--slides`` (slide files or folders) every tissue location of every slide is
+predicted from crops read in memory, and each slide gets a predictions CSV, a heatmap and
+an attention map (histo_jax/slides/predict.py); bad slides are reported at the end and
+make the exit code 1.
 
 ``NEW`` has the original layout; its labels file is optional. Without it every sample
 present in all used scale folders is predicted; with it, metrics are reported too. The
@@ -197,32 +203,68 @@ FLAGS = flags.FLAGS
 def _define_flags():
     flags.DEFINE_string("run", None, "A histo_jax training workdir (its best weights are used).")
     flags.DEFINE_string("pytorch", None, "Or: a checkpoint of the original PyTorch project (.pth/.safetensors).")
-    flags.DEFINE_string("data_dir", None, "Folder in the original layout; labels file optional.", required=True)
+    flags.DEFINE_string("data_dir", None, "Folder in the original layout; labels file optional.")
     flags.DEFINE_string("out", "predictions", "Output folder.")
     flags.DEFINE_bool("tta", False, "Test-time augmentation: average over the 4 flips.")
     flags.DEFINE_list("panels", ["4"], "Attention panels: a number (per predicted class, most "
                       "confident first) or file names (without .png).")
     flags.DEFINE_integer("batch_size", None, "Global batch (default: the run's eval_batch_size).")
     flags.DEFINE_integer("image_size", 224, "Image size for --pytorch checkpoints.")
-    flags.DEFINE_integer("num_workers", None, "Grain worker processes (default: the run's).")
+    flags.DEFINE_integer("num_workers", None, "Grain worker processes (default: the run's); "
+                         "with --slides, reader threads (default 4).")
+    # Slide mode (histo_jax/slides/predict.py).
+    flags.DEFINE_list("slides", None, "Or: slide files / folders of slides (comma-separated; more "
+                      "paths may follow as arguments). Every tissue location is predicted.")
+    flags.DEFINE_integer("stride", None, "Slides: grid step in level-0 px (default: the smallest "
+                         "field of view of the run's scales).")
+    flags.DEFINE_float("mpp", None, "Slides: micrometres per level-0 px, overriding the metadata.")
+    flags.DEFINE_float("min_tissue", None, "Slides: minimum tissue fraction of a location's "
+                       "smallest field (default 0.5).")
+    flags.DEFINE_enum("border", "pad", ["pad", "skip"], "Slides: fields crossing the slide border "
+                      "are padded with white, or their location skipped.")
+    flags.DEFINE_string("annotations", None, "Slides: optional folder of QuPath GeoJSON "
+                        "<slide>.geojson; the summary then gives each slide's AUROC against them.")
+    flags.DEFINE_string("annotation_classes", "Tumor=1,Tumour=1,Normal=0",
+                        "Slides: classification.name -> label (NAME=INT or NAME=ignore).")
 
 
 def main(argv):
-    del argv
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("histo_jax").setLevel(logging.INFO)
     parallel.maybe_initialize_distributed()
     if bool(FLAGS.run) == bool(FLAGS.pytorch):
         raise app.UsageError("Give exactly one of --run=WORKDIR or --pytorch=CHECKPOINT.")
+    if bool(FLAGS.data_dir) == bool(FLAGS.slides):
+        raise app.UsageError("Give exactly one of --data_dir=FOLDER or --slides=SLIDES.")
+    if len(argv) > 1 and not FLAGS.slides:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.run:
         config, model = load_run(FLAGS.run)
     else:
         config, model = load_pytorch_run(FLAGS.pytorch, FLAGS.image_size)
+    if FLAGS.slides:
+        return _main_slides(config, model, list(FLAGS.slides) + list(argv[1:]))
     panels = FLAGS.panels
     panels = int(panels[0]) if len(panels) == 1 and panels[0].isdigit() else list(panels)
     predict_folder(config, model, FLAGS.data_dir, FLAGS.out, tta=FLAGS.tta, panels=panels,
                    batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers)
+
+
+def _main_slides(config, model, paths: list[str]) -> int:
+    from histo_jax.slides import annotations as ann_lib  # noqa: PLC0415
+    from histo_jax.slides import predict as slides_predict  # noqa: PLC0415
+
+    if FLAGS.tta:
+        raise app.UsageError("--tta is for --data_dir; slide prediction does not flip.")
+    try:
+        class_map = ann_lib.parse_class_map(FLAGS.annotation_classes)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    return slides_predict.run(
+        config, model, paths, FLAGS.out, stride=FLAGS.stride, mpp=FLAGS.mpp,
+        min_tissue=FLAGS.min_tissue, border=FLAGS.border, batch_size=FLAGS.batch_size,
+        num_workers=FLAGS.num_workers or 4, annotations_dir=FLAGS.annotations, class_map=class_map)
 
 
 if __name__ == "__main__":
