@@ -83,18 +83,23 @@ def _diagnose(path: str, message: str) -> str:
     if os.path.getsize(path) == 0:
         return "empty file (0 bytes): unreadable or truncated slide"
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        try:
-            import tifffile
+        import logging  # noqa: PLC0415
+        import tifffile  # noqa: PLC0415
 
+        quiet = logging.getLogger("tifffile")
+        level, quiet.level = quiet.level, logging.CRITICAL  # its warnings repeat ours
+        try:
+            size = os.path.getsize(path)
             with tifffile.TiffFile(path) as tif:
                 pages = list(tif.pages)
                 for page in pages:
-                    if page.is_tiled:
-                        tif.filehandle.seek(page.dataoffsets[-1])
-                        if len(tif.filehandle.read(page.databytecounts[-1])) < page.databytecounts[-1]:
-                            raise ValueError("tile data ends before the end of the file")
+                    ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+                    if ends and max(ends) > size:
+                        raise ValueError(f"image data runs past the end of the file ({size} bytes)")
         except Exception as e:  # noqa: BLE001 - any tifffile failure means a damaged file
-            return f"unreadable or truncated TIFF ({type(e).__name__}: {e})"
+            return f"unreadable or truncated TIFF ({e})"
+        finally:
+            quiet.level = level
         if not any(p.is_tiled for p in pages):
             return ("a TIFF without tiles: OpenSlide reads tiled pyramidal TIFFs only (convert it, "
                     "e.g. `vips tiffsave IN OUT.tiff --tile --pyramid --compression jpeg`)")

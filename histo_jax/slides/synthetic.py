@@ -75,6 +75,29 @@ def write_pyramid_tiff(path: str, rgb: np.ndarray, mpp: float | None = DEMO_MPP,
     return [(lv.shape[1], lv.shape[0]) for lv in levels]
 
 
+def toy_slide(width: int = 3072, height: int = 2048, seed: int = 0, hole: float = 400
+              ) -> np.ndarray:
+    """A small, smooth test slide (uint8 RGB, for tests and benchmarks): white glass, one
+    pink tissue ellipse (radii 0.36 x 0.34 of the slide) with a hole of radius ``hole`` px
+    (400: excluded by the default tissue detection), a speck of debris (dropped), and
+    smooth colour variation."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(width, dtype=np.float32)[None, :]
+    y = np.arange(height, dtype=np.float32)[:, None]
+    cx, cy = width / 2, height / 2
+    tissue = ((x - cx) / (0.36 * width)) ** 2 + ((y - cy) / (0.34 * height)) ** 2 < 1
+    in_hole = (x - cx - 0.15 * width) ** 2 + (y - cy) ** 2 < hole ** 2
+    speck = (x - 0.06 * width) ** 2 + (y - 0.08 * height) ** 2 < 40 ** 2
+    on = ((tissue & ~in_hole) | speck)[..., None]
+    img = np.where(on, np.float32(1), np.float32(0)) * np.array([-20, -93, -46], np.float32)
+    img += np.array([245, 243, 246], np.float32)
+    for k in range(3):  # sin(ax + by + p) = sin(ax) cos(by + p) + cos(ax) sin(by + p)
+        a, b, p = 1 / (97 + 31 * k), 1 / (131 - 17 * k), rng.uniform(0, 2 * np.pi)
+        wave = np.sin(a * x) * np.cos(b * y + p) + np.cos(a * x) * np.sin(b * y + p)
+        img[..., k] += np.where(on[..., 0], 18, 1.5) * wave
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- shapes
 
 def _blob(rng, cx, cy, rx, ry, wobble=0.08, harmonics=(2, 3, 4, 5)) -> dict:

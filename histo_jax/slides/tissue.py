@@ -106,7 +106,8 @@ def otsu_threshold(values: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (m[-1] * w0 / total - m) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = -1
-    return float(np.argmax(between))  # Tissue: values > threshold.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # ties: the middle of the plateau
+    return float(np.floor((best[0] + best[-1]) / 2))  # Tissue: values > threshold.
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
