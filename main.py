@@ -4,12 +4,16 @@
     python main.py --config=configs/four_scale.py --config.data.dir=/data/thyroid --config.run=2
     python main.py --config=configs/grid.py --config.data.dir=/data/thyroid --workdir=runs/grid
 
-Rerunning a command with the same workdir resumes it. Without --config.data.dir the
-embedded demo dataset is used (generated on first use).
+Rerunning a command with the same workdir resumes it (or reports the finished result). A
+workdir holds one run: a command of another configuration or data is refused (unless
+--discard_old_run moves the old run aside), and so is a second process on a busy workdir;
+these refusals and failed writes are reported without a traceback (exit status 1).
+Without --config.data.dir the embedded demo dataset is used (generated on first use).
 """
 
 import logging as std_logging
 import os
+import sys
 
 from histo_jax import hostenv
 
@@ -19,13 +23,18 @@ if __name__ == "__main__":  # First, before JAX starts threads: see histo_jax/ho
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from histo_jax import grid, parallel, train  # noqa: E402
+from histo_jax import grid, parallel, train, workdir as workdir_lib  # noqa: E402
+from histo_jax.data.layout import DataValidationError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, pictures. "
                     "Default: runs/<config file name>.")
+flags.DEFINE_bool("discard_old_run", False, "When --workdir (or a grid cell) holds results of "
+                  "another configuration or data, move them to <workdir>.discarded-<time>/ and "
+                  "start afresh, instead of refusing. A run of this configuration is resumed "
+                  "as usual.")
 
 
 def main(argv):
@@ -37,10 +46,15 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
-    if config.grid.num_inputs:
-        grid.run_grid(config, workdir)
-    else:
-        train.train_and_evaluate(config, workdir)
+    try:
+        if config.grid.num_inputs:
+            grid.run_grid(config, workdir, discard_old_run=FLAGS.discard_old_run)
+        else:
+            train.train_and_evaluate(config, workdir, discard_old_run=FLAGS.discard_old_run)
+    except (workdir_lib.WorkdirError, train.NonFiniteLossError, DataValidationError) as e:
+        # What is wrong, with which file, and what to do: the message says it all.
+        print(f"\nhisto_jax: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """The trainer: one run = one (num_inputs, run, seed) of the study, SPEC §4.
 
-``train_and_evaluate(config, workdir)`` validates and prepares the data, splits it by
-``num_id``, trains with the reference procedure (weighted sampling with replacement,
-weighted cross-entropy, Adam + OneCycle, clipping, early stopping on validation macro-F1),
-checkpoints so that rerunning the same command resumes exactly, and tests the best weights.
+``train_and_evaluate(config, workdir)`` claims the workdir (one process at a time, and only
+for the run whose identity it holds: ``histo_jax.workdir``), validates and prepares the
+data, splits it by ``num_id``, trains with the reference procedure (weighted sampling with
+replacement, weighted cross-entropy, Adam + OneCycle, clipping, early stopping on
+validation macro-F1), checkpoints so that rerunning the same command resumes exactly, and
+tests the best weights.
 
-Workdir contents: ``config.json`` (resolved config), ``splits.json``, ``metrics.jsonl``
-(scalars as JSON lines), ``tensorboard/``, ``checkpoints/`` (latest state), ``best/``
-(best weights), ``metrics.json`` (final test metrics), ``test_predictions.csv`` and the
-pictures (``training_curves.png``, ``confusion_matrix.png``, ``roc_curve.png``).
+Workdir contents: ``identity.json`` (what the results are computed from), ``run.lock``,
+``config.json`` (resolved config), ``splits.json``, ``metrics.jsonl`` (scalars as JSON
+lines; a resumed run continues it from its checkpoint), ``tensorboard/``, ``checkpoints/``
+(latest state), ``best/`` (best weights), ``metrics.json`` (final test metrics, written
+last), ``test_predictions.csv`` and the pictures (``training_curves.png``,
+``confusion_matrix.png``, ``roc_curve.png``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +34,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from histo_jax import checkpointing, hostenv, optim, parallel, paths, plots, steps
+from histo_jax import workdir as workdir_lib
 from histo_jax.data import augment, pipeline, sources, splits as splits_lib
 from histo_jax.metrics import MetricWriter, classification_metrics, softmax
 from histo_jax.models import build_model
@@ -131,42 +137,150 @@ def _weighted_ce_host(logits, labels, weights):
     return float((w * nll).sum() / w.sum())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains one run and returns its test metrics (also written to ``workdir/metrics.json``)."""
-    os.makedirs(workdir, exist_ok=True)
+def on_primary(fn, what: str):
+    """Runs ``fn`` on process 0 only; when it raises there, every process stops (none is left
+    waiting for a partner that gave up). Returns ``fn()`` on process 0, None elsewhere."""
+    if jax.process_count() == 1:
+        return fn()
+    out, err = None, None
+    if jax.process_index() == 0:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the others know
+            err = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
+    if err is not None:
+        raise err
+    if not ok:
+        raise workdir_lib.WorkdirError(f"Process 0 stopped ({what}); its error message says why.")
+    return out
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+    """One process per workdir while inside: process 0 holds ``<workdir>/run.lock``."""
+    with workdir_lib.writing("the workdir", workdir):
+        os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.WorkdirLock(workdir)
+    on_primary(lock.acquire, f"{workdir} is not free")
+    try:
+        yield
+    finally:
+        lock.release()  # A no-op on the processes that did not take it.
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """The checks that need no data, made before a workdir is claimed for the config."""
+    n_in, scales = config.num_inputs, config.data.scales
+    if not 1 <= n_in <= len(scales):
+        raise ValueError(f"config.num_inputs={n_in} must be between 1 and the number of "
+                         f"configured scale folders ({len(scales)}: {list(scales)}).")
+    parallel.check_batch_size(config.batch_size, "batch_size", mesh)
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size", mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       discard_old_run: bool = False) -> dict:
+    """Trains one run and returns its test metrics (also written to ``workdir/metrics.json``).
+
+    The workdir is claimed first (``histo_jax.workdir``): a busy one is refused, and so is
+    one holding a run of another identity (config fields and data), unless
+    ``discard_old_run`` moves that run aside. A finished run of this identity returns its
+    stored result; an unfinished one resumes exactly. A failed write (full disk, I/O
+    error) stops the run with :class:`~histo_jax.workdir.WriteFailedError`; the last
+    complete checkpoint is kept and the same command resumes from it.
+    """
+    mesh = parallel.make_mesh()
+    check_config(config, mesh)
+    with hold_workdir(workdir), contextlib.ExitStack() as cleanup:
+        data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+        data_cfg.dir = primary_first(lambda: resolve_data_dir(config), "demo data")
+        config_json = config.to_json_best_effort(indent=2)
+
+        def claim():
+            identity = workdir_lib.RunIdentity.of(config, workdir_lib.data_fingerprint(data_cfg))
+            workdir_lib.claim(workdir, identity, config_json, discard_old_run=discard_old_run)
+            return identity
+        identity = on_primary(claim, "workdir check")
+
+        done_file = os.path.join(workdir, METRICS_FILE)
+        if os.path.exists(done_file):
+            log.info("%s: this run is finished (same configuration and data); its result is %s.",
+                     workdir, done_file)
+            with open(done_file) as f:
+                return json.load(f)
+        with workdir_lib.writing("the checkpoint folders", workdir):
+            ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+        cleanup.callback(_close_quietly, ckpt)
+        return workdir_lib.call_with_hint(
+            lambda: _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup),
+            lambda: _after_failure(ckpt))
+
+
+def _close_quietly(obj) -> None:
+    with contextlib.suppress(Exception):
+        obj.close()
+
+
+def _after_failure(ckpt: checkpointing.Checkpoints) -> str:
+    step = ckpt.latest_step()
+    if step is None:
+        return ("The run stopped before its first checkpoint; once the problem is fixed (e.g. "
+                "disk space freed), the same command starts it again.")
+    return (f"The run stopped. Its last complete checkpoint, {ckpt.latest.directory}/{step}, is "
+            "kept: once the problem is fixed (e.g. disk space freed), the same command resumes "
+            "from it.")
+
+
+def _check_data(source, identity, data_dir: str) -> None:
+    if source.prepared.fingerprint != identity.data_fingerprint:
+        raise workdir_lib.WorkdirError(
+            f"The data of {data_dir} changed while the run was starting (prepared fingerprint "
+            f"{source.prepared.fingerprint[:12]}, checked {identity.data_fingerprint[:12]}). "
+            "Leave the folder unchanged during a run and run the command again.")
+
+
+def _reset_logs(workdir: str) -> None:
+    """A fresh start (no checkpoint): the scalars of an earlier start that saved nothing go."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with workdir_lib.writing("the metrics log", path):
+        if os.path.exists(path):
+            os.truncate(path, 0)
+        shutil.rmtree(os.path.join(workdir, "tensorboard"), ignore_errors=True)
+
+
+def _truncate_log(path: str, size: int) -> None:
+    """A resumed run's scalar log continues from its checkpoint: rows written after it go."""
+    current = os.path.getsize(path) if os.path.exists(path) else 0
+    if current > size:
+        with workdir_lib.writing("the metrics log", path):
+            os.truncate(path, size)
+    elif current < size:
+        log.warning("%s is shorter than when the resumed checkpoint was saved (%d < %d bytes): "
+                    "some of its rows are missing.", path, current, size)
+
+
+def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
     primary = jax.process_index() == 0
-    done_file = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(done_file):
-        log.info("%s exists: this run is finished (delete it to retrain).", done_file)
-        with open(done_file) as f:
-            return json.load(f)
     setup_compilation_cache(config)
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    done_file = os.path.join(workdir, METRICS_FILE)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     # ---- Data -------------------------------------------------------------------------------
-    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.dir = primary_first(lambda: resolve_data_dir(config), "demo data")
     n_in = config.num_inputs
-    if not 1 <= n_in <= len(data_cfg.scales):
-        raise ValueError(f"config.num_inputs={n_in} must be between 1 and the number of "
-                         f"configured scale folders ({len(data_cfg.scales)}: {list(data_cfg.scales)}).")
     source = primary_first(lambda: sources.load_dataset(data_cfg, log=log.info), "data prepared")
+    on_primary(lambda: _check_data(source, identity, data_cfg.dir), "data check")
     split = splits_lib.make_splits(source.num_ids, source.labels, config.run,
                                    test_size=data_cfg.test_size, val_size=data_cfg.val_size)
     if primary:
-        splits_lib.save_splits(os.path.join(workdir, "splits.json"), split, source.num_ids,
-                               source.filenames)
+        splits_path = os.path.join(workdir, "splits.json")
+        with workdir_lib.writing("the splits", splits_path):
+            splits_lib.save_splits(splits_path, split, source.num_ids, source.filenames)
     num_classes = config.model.num_classes
     weights = class_weights(source.labels[split["train"]], num_classes)
     log.info("Data: %s | %d train, %d val, %d test samples | class weights %s",
              data_cfg.dir, len(split["train"]), len(split["val"]), len(split["test"]),
              np.round(weights, 4).tolist())
-
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.batch_size, "batch_size", mesh)
-    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size", mesh)
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(split["train"]) / config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
 
@@ -190,36 +304,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     loader_kw = dict(num_inputs=n_in, process_index=jax.process_index(),
                      process_count=jax.process_count())
-    train_iter = iter(pipeline.make_train_loader(
-        source, split["train"], global_batch_size=config.batch_size, seed=config.seed,
-        num_workers=data_cfg.num_workers, **loader_kw))
+
+    def train_loader(start_step: int):
+        return iter(pipeline.make_train_loader(
+            source, split["train"], global_batch_size=config.batch_size, seed=config.seed,
+            num_workers=data_cfg.num_workers, start_step=start_step, **loader_kw))
     # Evaluation reads prepared (already resized, unaugmented) records: cheap enough in the
     # main process, and re-iterating a multi-worker loader would restart its workers each epoch.
     val_loader = pipeline.make_eval_loader(
         source, split["val"], global_batch_size=config.eval_batch_size, num_workers=0, **loader_kw)
 
     # ---- Resume -------------------------------------------------------------------------------
-    ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-    meta = {"epoch": 0, "step_in_epoch": 0, "sums": [0.0, 0.0, 0], "best_f1": -1.0,
-            "best_epoch": 0, "bad_epochs": 0, "history": [], "stopped_early": False}
-    restored = ckpt.restore_latest(state, train_iter)
-    if restored is not None:
-        state, meta = restored
-        log.info("Resumed from %s at step %d (epoch %d).", ckpt.latest.directory,
-                 int(state.step), meta["epoch"])
-    writer = MetricWriter(workdir, enabled=primary)
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+        loop = checkpointing.LoopState()
+        train_iter = train_loader(0)
+        if primary:
+            _reset_logs(workdir)
+    else:
+        resumed_step, state, loop = restored
+        train_iter = train_loader(loop.data_start_step)
+        if not ckpt.restore_data_iter(resumed_step, train_iter):
+            # Global batch b is a pure function of (seed, b): a fresh stream at the resumed
+            # step gives the same batches (e.g. after a change of data.num_workers).
+            log.info("The training stream restarts at global batch %d.", resumed_step)
+            loop.data_start_step = resumed_step
+            train_iter = train_loader(resumed_step)
+        ckpt.drop_best_after(resumed_step)
+        if primary:
+            _truncate_log(metrics_path, loop.metrics_bytes)
+        log.info("Resumed from %s/%d (epoch %d).", ckpt.latest.directory, resumed_step,
+                 loop.epoch)
+    with workdir_lib.writing("the metrics log", metrics_path):
+        writer = MetricWriter(workdir, enabled=primary)
+    cleanup.callback(_close_quietly, writer)
+
+    def write_scalars(step: int, scalars: dict, **fields) -> None:
+        with workdir_lib.writing("the metrics log", metrics_path):
+            writer.write(step, scalars, **fields)
+
     compiled_step = None
 
     def save_latest():
-        ckpt.save_latest(int(state.step), state, train_iter, meta)
+        loop.metrics_bytes = os.path.getsize(metrics_path) if primary else 0
+        ckpt.save_latest(int(state.step), state, train_iter, loop)
 
     # ---- Train --------------------------------------------------------------------------------
     log.info("Training %d inputs for up to %d epochs x %d steps (batch %d over %d devices, "
              "%d process(es)).", n_in, config.num_epochs, steps_per_epoch, config.batch_size,
              jax.device_count(), jax.process_count())
-    while meta["epoch"] < config.num_epochs and not meta["stopped_early"]:
-        epoch = meta["epoch"]
-        bar = tqdm(total=steps_per_epoch * config.batch_size, initial=meta["step_in_epoch"] * config.batch_size,
+    while loop.epoch < config.num_epochs and not loop.stopped_early:
+        epoch = loop.epoch
+        bar = tqdm(total=steps_per_epoch * config.batch_size,
+                   initial=loop.step_in_epoch * config.batch_size,
                    desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="samples",
                    disable=not (config.progress and primary), leave=False)
         t0 = time.time()
@@ -237,15 +374,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"(epoch {epoch + 1}). The last good checkpoint is kept in "
                         f"{ckpt.latest.directory} (a rerun resumes from it). Lower "
                         "--config.optimizer.learning_rate or check the input data.")
-                meta["sums"][0] += float(hm["loss"])
-                meta["sums"][1] += float(hm["accuracy"])
-                meta["sums"][2] += 1
+                loop.add_step(float(hm["loss"]), float(hm["accuracy"]))
             if host:
-                writer.write(step, {"train/loss": host[-1]["loss"], "train/grad_norm": host[-1]["grad_norm"],
-                                    "train/lr": float(lr_schedule(step - 1))}, epoch=epoch + 1)
+                write_scalars(step, {"train/loss": host[-1]["loss"],
+                                     "train/grad_norm": host[-1]["grad_norm"],
+                                     "train/lr": float(lr_schedule(step - 1))}, epoch=epoch + 1)
                 bar.set_postfix(loss=f"{host[-1]['loss']:.4f}")
 
-        while meta["step_in_epoch"] < steps_per_epoch:
+        while loop.step_in_epoch < steps_per_epoch:
             batch = parallel.global_batch(mesh, next(train_iter))
             batch = {"images": batch["images"], "labels": batch["labels"]}
             if compiled_step is None:
@@ -255,10 +391,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 hostenv.release_free_memory()
             state, m = compiled_step(state, batch, base_key)
             pending.append(m)
-            meta["step_in_epoch"] += 1
+            loop.step_in_epoch += 1
             step += 1
             bar.update(config.batch_size)
-            last_of_epoch = meta["step_in_epoch"] == steps_per_epoch
+            last_of_epoch = loop.step_in_epoch == steps_per_epoch
             save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
                         and not last_of_epoch)
             if step % config.log_every_steps == 0 or last_of_epoch or save_now:
@@ -275,28 +411,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         val_time = time.time() - t0
         vm = classification_metrics(ev["labels"], ev["logits"], num_classes)
         val_loss = _weighted_ce_host(ev["logits"], ev["labels"], weights)
-        n_steps = max(meta["sums"][2], 1)
-        row = {"epoch": epoch + 1, "train_loss": meta["sums"][0] / n_steps,
-               "train_accuracy": meta["sums"][1] / n_steps, "val_loss": val_loss,
+        n_steps = max(loop.summed_steps, 1)
+        row = {"epoch": epoch + 1, "train_loss": loop.loss_sum / n_steps,
+               "train_accuracy": loop.accuracy_sum / n_steps, "val_loss": val_loss,
                "val_macro_f1": vm["macro_f1"], "val_accuracy": vm["accuracy"],
                "samples_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9),
                "train_s": train_time, "val_s": val_time}
-        meta["history"].append(row)
-        writer.write(int(state.step), {f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
-                     epoch=epoch + 1)
-        improved = vm["macro_f1"] > meta["best_f1"]
+        loop.history.append(row)
+        write_scalars(int(state.step), {f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
+                      epoch=epoch + 1)
+        improved = vm["macro_f1"] > loop.best_f1
         if improved:
-            meta.update(best_f1=vm["macro_f1"], best_epoch=epoch + 1, bad_epochs=0)
+            loop.best_f1, loop.best_epoch, loop.bad_epochs = vm["macro_f1"], epoch + 1, 0
             ckpt.save_best(int(state.step), {"params": state.params, "batch_stats": state.batch_stats},
                            {"epoch": epoch + 1, "val_macro_f1": vm["macro_f1"]})
         else:
-            meta["bad_epochs"] += 1
+            loop.bad_epochs += 1
         log.info("epoch %d: train loss %.4f | val loss %.4f, macro-F1 %.4f%s | %.1f samples/s",
                  epoch + 1, row["train_loss"], val_loss, vm["macro_f1"], " (best)" if improved else "",
                  row["samples_per_s"])
-        meta.update(epoch=epoch + 1, step_in_epoch=0, sums=[0.0, 0.0, 0])
-        if meta["bad_epochs"] >= config.patience:
-            meta["stopped_early"] = True
+        loop.end_epoch()
+        if loop.bad_epochs >= config.patience:
+            loop.stopped_early = True
             log.info("Early stopping: no validation improvement for %d epochs.", config.patience)
         save_latest()
 
@@ -308,21 +444,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ev = evaluate_dataset(eval_step, weights_best["params"], weights_best["batch_stats"],
                           test_loader, mesh, progress=config.progress, desc="test")
     result = classification_metrics(ev["labels"], ev["logits"], num_classes)
-    result.update(num_inputs=n_in, run=config.run, seed=config.seed, best_epoch=meta["best_epoch"],
-                  best_val_macro_f1=meta["best_f1"], epochs_trained=meta["epoch"],
-                  stopped_early=meta["stopped_early"], scales=list(data_cfg.scales[:n_in]),
+    result.update(num_inputs=n_in, run=config.run, seed=config.seed, best_epoch=loop.best_epoch,
+                  best_val_macro_f1=loop.best_f1, epochs_trained=loop.epoch,
+                  stopped_early=loop.stopped_early, scales=list(data_cfg.scales[:n_in]),
                   data_dir=data_cfg.dir)
-    writer.write(int(state.step), {f"test/{k}": v for k, v in result.items()
-                                   if isinstance(v, float)})
-    writer.close()
-    ckpt.close()
+    write_scalars(int(state.step), {f"test/{k}": v for k, v in result.items()
+                                    if isinstance(v, float)})
+    with workdir_lib.writing("the metrics log", metrics_path):
+        writer.close()
     if primary:
-        _write_test_outputs(workdir, ev, source, data_cfg, result, meta["history"])
-        with open(done_file + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(done_file + ".tmp", done_file)
+        with workdir_lib.writing("the test outputs", workdir):
+            _write_test_outputs(workdir, ev, source, data_cfg, result, loop.history)
+        # Written last: its presence marks the run finished.
+        workdir_lib.write_atomic(done_file, json.dumps(result, indent=2), "the test metrics")
     log.info("Test (best epoch %d): macro-F1 %.4f, accuracy %.4f, AUROC %.4f -> %s",
-             meta["best_epoch"], result["macro_f1"], result["accuracy"], result["auroc"], done_file)
+             loop.best_epoch, result["macro_f1"], result["accuracy"], result["auroc"], done_file)
     return result
 
 
@@ -332,15 +468,16 @@ def _write_test_outputs(workdir, ev, source, data_cfg, result, history) -> None:
     names = list(data_cfg.class_names)
     n_in = ev["attention"].shape[1]
     scales = list(data_cfg.scales[:n_in])
-    with open(os.path.join(workdir, "test_predictions.csv"), "w", encoding="utf-8") as f:
-        cols = (["filename", "num_id", "label", "predicted"] + [f"prob_{c}" for c in names]
-                + [f"attn_{scales[i]}_to_{scales[j]}" for i in range(n_in) for j in range(n_in)])
-        f.write(",".join(cols) + "\n")
-        for k, idx in enumerate(ev["index"]):
-            vals = [source.filenames[idx], source.num_ids[idx], str(int(ev["labels"][k])),
-                    names[int(probs[k].argmax())]]
-            vals += [f"{p:.6f}" for p in probs[k]] + [f"{a:.6f}" for a in ev["attention"][k].ravel()]
-            f.write(",".join(vals) + "\n")
+    cols = (["filename", "num_id", "label", "predicted"] + [f"prob_{c}" for c in names]
+            + [f"attn_{scales[i]}_to_{scales[j]}" for i in range(n_in) for j in range(n_in)])
+    lines = [",".join(cols)]
+    for k, idx in enumerate(ev["index"]):
+        vals = [source.filenames[idx], source.num_ids[idx], str(int(ev["labels"][k])),
+                names[int(probs[k].argmax())]]
+        vals += [f"{p:.6f}" for p in probs[k]] + [f"{a:.6f}" for a in ev["attention"][k].ravel()]
+        lines.append(",".join(vals))
+    path = os.path.join(workdir, "test_predictions.csv")
+    workdir_lib.write_atomic(path, "\n".join(lines) + "\n", "the test predictions")
     plots.training_curves(history, os.path.join(workdir, "training_curves.png"))
     plots.confusion_matrix(np.asarray(result["confusion_matrix"]), names,
                            os.path.join(workdir, "confusion_matrix.png"))

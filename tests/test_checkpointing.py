@@ -1,6 +1,9 @@
-"""Orbax checkpoints: exact round trip with the Grain iterator; a damaged latest step falls back."""
+"""Orbax checkpoints: exact round trip with the Grain iterator; a damaged latest step falls
+back; the loop state is a versioned record; a failed save keeps the previous checkpoints."""
 
+import errno
 import glob
+import json
 import logging
 import os
 
@@ -10,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from histo_jax import checkpointing, optim, steps
+import pytest
+
+from histo_jax import checkpointing, optim, steps, workdir
+from histo_jax.checkpointing import LoopState
 from histo_jax.config import get_base_config
 
 
@@ -37,14 +43,18 @@ def test_latest_round_trip_and_fallback_from_damaged_checkpoint(tmp_path, caplog
     it = iter(loader)
     ck = checkpointing.Checkpoints(str(tmp_path), keep=2)
     next(it), next(it)
-    ck.save_latest(3, state.replace(step=jnp.array(3)), it, {"epoch": 1})
+    ck.save_latest(3, state.replace(step=jnp.array(3)), it, LoopState(epoch=1))
     next(it)
     bumped = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, state.params)
-    ck.save_latest(4, state.replace(step=jnp.array(4), params=bumped), it, {"epoch": 2})
+    loop = LoopState(epoch=2, step_in_epoch=1, loss_sum=0.25, accuracy_sum=1.5, summed_steps=2,
+                     best_f1=0.5, best_epoch=1, bad_epochs=1, history=[{"epoch": 1, "val_macro_f1": 0.5}],
+                     data_start_step=0, metrics_bytes=123)
+    ck.save_latest(4, state.replace(step=jnp.array(4), params=bumped), it, loop)
 
+    step, restored, got = ck.restore_latest(state)
     fresh = iter(loader)
-    restored, meta = ck.restore_latest(state, fresh)
-    assert int(restored.step) == 4 and meta == {"epoch": 2} and next(fresh) == 3
+    assert ck.restore_data_iter(step, fresh)
+    assert step == 4 and int(restored.step) == 4 and got == loop and next(fresh) == 3
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(bumped)):
         np.testing.assert_array_equal(a, b)
 
@@ -52,11 +62,82 @@ def test_latest_round_trip_and_fallback_from_damaged_checkpoint(tmp_path, caplog
         if os.path.isfile(f):
             with open(f, "wb") as fh:
                 fh.write(b"damaged")
-    fresh = iter(loader)
     with caplog.at_level(logging.WARNING, logger="histo_jax.checkpointing"):
-        restored, meta = ck.restore_latest(state, fresh)
-    assert int(restored.step) == 3 and meta == {"epoch": 1} and next(fresh) == 2
+        step, restored, got = ck.restore_latest(state)
+    fresh = iter(loader)
+    assert ck.restore_data_iter(step, fresh)
+    assert int(restored.step) == 3 and got == LoopState(epoch=1) and next(fresh) == 2
     assert "checkpoints/4 cannot be restored" in caplog.text and "previous one" in caplog.text
+
+
+def _meta_file(root, step):
+    return os.path.join(root, "checkpoints", str(step), "meta", "metadata")
+
+
+def test_loop_state_is_versioned_and_a_bad_one_is_a_clear_error(tmp_path, caplog):
+    state, loader = _state_and_iter()
+    it = iter(loader)
+    ck = checkpointing.Checkpoints(str(tmp_path), keep=3)
+    for s in (2, 3):
+        ck.save_latest(s, state.replace(step=jnp.array(s)), it, LoopState(epoch=s))
+    assert json.load(open(_meta_file(tmp_path, 3)))["version"] == LoopState.VERSION
+    # Corrupt (not JSON, or not a loop state): reported, and the previous checkpoint is used.
+    for garbage in ("{not json", json.dumps({"version": 1, "epoch": "two"})):
+        open(_meta_file(tmp_path, 3), "w").write(garbage)
+        with caplog.at_level(logging.WARNING, logger="histo_jax.checkpointing"):
+            step, _, loop = ck.restore_latest(state)
+        assert step == 2 and loop.epoch == 2 and "checkpoints/3 cannot be restored" in caplog.text
+    # Another version, or the unversioned dict of older code: refused at once, naming the file.
+    for other in ({**LoopState().to_json(), "version": 2},
+                  {"epoch": 1, "step_in_epoch": 0, "sums": [0.0, 0.0, 0], "best_f1": -1.0}):
+        open(_meta_file(tmp_path, 3), "w").write(json.dumps(other))
+        with pytest.raises(checkpointing.IncompatibleStateError) as e:
+            ck.restore_latest(state)
+        assert f"{tmp_path}/checkpoints/3/meta" in str(e.value) and "this histo_jax reads version 1" in str(e.value)
+    # Nothing restorable: an error, not a silent restart from scratch.
+    for s in (2, 3):
+        open(_meta_file(tmp_path, s), "w").write("[]")
+    with pytest.raises(checkpointing.CheckpointError, match="None of the checkpoints of this run can be restored"):
+        ck.restore_latest(state)
+    with pytest.raises(checkpointing.CorruptStateError, match="missing|lacks"):
+        LoopState.from_json({"version": 1, "epoch": 1}, "x")
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_a_resave_works(tmp_path, monkeypatch):
+    state, loader = _state_and_iter()
+    it = iter(loader)
+    ck = checkpointing.Checkpoints(str(tmp_path), keep=2)
+    ck.save_latest(3, state.replace(step=jnp.array(3)), it, LoopState(epoch=1))
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", full_disk)
+    with pytest.raises(workdir.WriteFailedError) as e:
+        ck.save_latest(4, state.replace(step=jnp.array(4)), it, LoopState(epoch=2))
+    assert f"training state checkpoint {tmp_path}/checkpoints/4" in str(e.value)
+    assert "the disk is full ([Errno 28] No space left on device)" in str(e.value)
+    assert ck.latest_step() == 3
+    monkeypatch.undo()
+    fresh = checkpointing.Checkpoints(str(tmp_path), keep=2)  # a rerun
+    step, _, loop = fresh.restore_latest(state)
+    assert step == 3 and loop.epoch == 1
+    fresh.save_latest(4, state.replace(step=jnp.array(4)), it, LoopState(epoch=2))
+    # A resumed run replays steps: saving a step that exists replaces it.
+    fresh.save_latest(4, state.replace(step=jnp.array(4)), it, LoopState(epoch=2, bad_epochs=1))
+    assert fresh.restore_latest(state)[2] == LoopState(epoch=2, bad_epochs=1)
+
+
+def test_data_iterator_of_another_worker_count_is_reported_not_restored(tmp_path):
+    state, loader = _state_and_iter()
+    it = iter(loader)
+    next(it)
+    ck = checkpointing.Checkpoints(str(tmp_path))
+    ck.save_latest(1, state, it, LoopState())
+    path = os.path.join(tmp_path, "checkpoints", "1", "data_iter", "process_0-of-1.json")
+    saved = json.load(open(path))
+    saved["worker_count"] = 2
+    json.dump(saved, open(path, "w"))
+    assert not ck.restore_data_iter(1, iter(loader))
 
 
 def test_best_weights_round_trip_and_empty_workdir(tmp_path):
@@ -69,3 +150,13 @@ def test_best_weights_round_trip_and_empty_workdir(tmp_path):
     assert meta == {"epoch": 2, "val_macro_f1": 0.75}
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(weights)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_best_steps_after_a_resumed_step_are_dropped(tmp_path):
+    state, _ = _state_and_iter()
+    ck = checkpointing.Checkpoints(str(tmp_path))
+    weights = {"params": state.params, "batch_stats": state.batch_stats}
+    for s in (3, 6):
+        ck.save_best(s, weights, {"epoch": s // 3, "val_macro_f1": 0.5})
+    ck.drop_best_after(4)
+    assert ck.best.all_steps() == [3] and ck.restore_best(weights)[1]["epoch"] == 1
