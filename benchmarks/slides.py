@@ -4,7 +4,8 @@
    4 fields of view 256, 512, 1024, 2048 px, stored at ``--size`` px, border padded):
    - ``pyramid``: each field read from the coarsest level not coarser than F / size, then
      resized (``python -m histo_jax.data extract --size N``);
-   - ``naive``: each field read at level 0 (F x F px), then resized (``--no_pyramid``).
+   - ``naive``: each field read at level 0 (F x F px), then resized (``--no_pyramid``);
+   - ``native``: the default ``--size native``, every field stored at level 0 (F px).
    Both write the PNGs with the same reader threads; a sample = one location's 4 crops.
    A second pair of lines times the reads alone (no PNG).
 2. Slide prediction (``histo_jax.slides.predict.predict_slides``) with a randomly
@@ -52,19 +53,22 @@ def _demo_slides(folder, n):
 def _extraction(paths, args, scratch):
     out = {}
     fovs = extract.ExtractConfig().fovs
-    for method in ("naive", "pyramid"):
-        cfg = extract.ExtractConfig(size=args.size, stride=args.stride, border="pad",
-                                    pyramid=method == "pyramid", workers=args.workers)
+    for method in ("naive", "pyramid", "native"):
+        cfg = extract.ExtractConfig(size=None if method == "native" else args.size, stride=args.stride,
+                                    border="pad", pyramid=method == "pyramid", workers=args.workers)
         target = os.path.join(scratch, f"extract_{method}")
         start = time.perf_counter()
         result = extract.extract(paths, target, cfg, progress=False, log=lambda m: None)
         seconds = time.perf_counter() - start
         n = sum(s["locations"] for s in result.slides.values())
         out[method] = n / seconds
+        disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(target) for f in fs
+                   if f.endswith(".png") and os.path.basename(r) != extract.THUMBNAILS)
         print(json.dumps({"stage": "extract", "method": method, "fields_of_view": [f.folder for f in fovs],
-                          "stored_px": args.size, "slides": len(paths), "samples": n,
-                          "crops": 4 * n, "seconds": round(seconds, 2),
-                          "samples_per_s": round(n / seconds, 2), "workers": args.workers}), flush=True)
+                          "stored_px": "native" if method == "native" else args.size, "slides": len(paths),
+                          "samples": n, "crops": 4 * n, "seconds": round(seconds, 2),
+                          "samples_per_s": round(n / seconds, 2), "png_mb_per_sample": round(disk / n / 1e6, 3),
+                          "workers": args.workers}), flush=True)
         shutil.rmtree(target)
     print(json.dumps({"stage": "extract", "speedup_pyramid_vs_naive": round(out["pyramid"] / out["naive"], 2)}),
           flush=True)

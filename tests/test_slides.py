@@ -329,13 +329,18 @@ def test_bad_input_is_named_and_does_not_stop_the_others(slides, tmp_path, capsy
     assert "truncated.tiff: unreadable or truncated TIFF" in proc.stdout
 
 
-def test_pyramid_tiff_writer_and_demo_slide_layout(tmp_path):
-    layout_ = synthetic.slide_layout(0, 1, 2560, 2048, tumour=True)
-    assert [r["cue"] for r in sorted(layout_["regions"], key=lambda r: r["cue"])] == ["architecture", "atypia"]
-    img = synthetic.render_slide(layout_)
-    path = str(tmp_path / "demo.tiff")
-    assert synthetic.write_pyramid_tiff(path, img)[-1] == (160, 128)
-    with open_slide(path) as s:
+def test_demo_slides_pyramid_tissue_and_annotations(tmp_path):
+    out = str(tmp_path / "demo")
+    summary = synthetic.write_demo_slides(out, num_train=1, num_train_tumour=1, num_new=0,
+                                          width=2560, height=2048, num_processes=1)
+    (info,) = summary["slides"]
+    assert info["levels"][-1] == (160, 128) and sorted(info["regions"]) == ["architecture", "atypia"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        synthetic.write_demo_slides(out, num_train=1, num_train_tumour=1, num_new=0)
+    layout_ = synthetic.slide_layout(0, 0, 2560, 2048, tumour=True)  # the same slide, again
+    import tifffile
+    img = tifffile.imread(info["slide"])
+    with open_slide(info["slide"]) as s:
         assert s.mpp == 0.25 and len(s.level_downsamples) == 5
         np.testing.assert_array_equal(s.read_field(1280, 1024, 256), img[896:1152, 1152:1408])
         m = tissue.detect_tissue(*s.thumbnail(32))
@@ -343,12 +348,12 @@ def test_pyramid_tiff_writer_and_demo_slide_layout(tmp_path):
     for part, expect in (("tissue", True), ("debris", False), ("hole", False)):
         cx, cy = layout_[part]["c"]
         assert m.at([[cx, cy]])[0] == expect, part
-    gj = synthetic.geojson(layout_)
-    p = str(tmp_path / "demo.geojson")
-    _geojson(p, gj["features"])
-    ann = annotations.read_annotations(p, annotations.parse_class_map(annotations.DEFAULT_CLASS_MAP))
+    ann = annotations.read_annotations(info["annotations"],
+                                       annotations.parse_class_map(annotations.DEFAULT_CLASS_MAP))
     pts = np.random.default_rng(0).uniform(0, 2048, (200, 2))
     np.testing.assert_array_equal(ann.labels(pts)[0] == 1, synthetic.region_mask(layout_, pts))
+    args = cli.build_parser().parse_args(["demo", "--slides", out])
+    assert args.slides == out and args.out is None
     # The cues are drawn inside their regions: both hold far more haematoxylin-dark pixels
     # (atypical nuclei; crowded micro-follicle walls) than the rest of the tissue.
     yy, xx = np.mgrid[0:2048:4, 0:2560:4]
