@@ -1,12 +1,12 @@
 """The slide demo: 4 scales trained on crops extracted from the synthetic demo slides.
 
-    python -m histo_jax.data demo --slides demo_slides
-    python -m histo_jax.data extract --slides demo_slides/train \
-        --annotations demo_slides/annotations --outside_label 0 --border pad \
-        --stride 512 --size 224 --out demo_slides/crops
+    python -m histo_jax.data demo --slides runs/demo_slides
+    python -m histo_jax.data extract --slides runs/demo_slides/train \
+        --annotations runs/demo_slides/annotations --outside_label 0 --border pad \
+        --stride 512 --size 224 --out runs/demo_slides/crops
     python main.py --config=configs/slides_demo.py               # workdir: runs/slides_demo
-    python -m histo_jax.predict --run=runs/slides_demo --slides=demo_slides/new \
-        --annotations=demo_slides/annotations --out=demo_slides/predictions
+    python -m histo_jax.predict --run=runs/slides_demo --slides=runs/demo_slides/new \
+        --annotations=runs/demo_slides/annotations --stride=128 --out=runs/demo_slides/predictions
 
 The crops' num_id is their slide, so the splits hold out whole slides. Settings are those
 of configs/demo.py (96 px inputs, the 'tiny' encoder trained from scratch, light dropout,
@@ -19,7 +19,7 @@ from histo_jax.config import get_base_config
 
 def get_config():
     config = get_base_config()
-    config.data.dir = "demo_slides/crops"
+    config.data.dir = "runs/demo_slides/crops"
     config.num_inputs = 4
     config.data.image_size = 96
     config.data.color_jitter = ((0.0, 0.0, 0.0, 0.0),) * 4

@@ -242,10 +242,10 @@ def _cmd_demo_slides(args) -> int:
           f"({summary['size'][0]} x {summary['size'][1]} px, {summary['mpp']} um/px), their "
           f"tumour regions in {out}/annotations. Next (README, From slides):")
     print(f"  python -m histo_jax.data extract --slides {out}/train --annotations {out}/annotations "
-          f"--outside_label 0 --stride 512 --size 224 --out {out}/crops")
+          f"--outside_label 0 --border pad --stride 512 --size 224 --out {out}/crops")
     print(f"  python main.py --config=configs/slides_demo.py --config.data.dir={out}/crops")
     print(f"  python -m histo_jax.predict --run=runs/slides_demo --slides={out}/new "
-          f"--annotations={out}/annotations --out={out}/predictions")
+          f"--annotations={out}/annotations --stride=128 --out={out}/predictions")
     return 0
 
 
