@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from histo_jax.workdir import WorkdirError, WriteFailedError, failure_reason
@@ -122,15 +123,38 @@ class LoopState:
         return cls(**values)
 
 
-def _manager(path: str, keep: int) -> ocp.CheckpointManager:
+def _type_handlers():
+    """Orbax's type handlers, with ``jax.Array`` written whole by its first replica. Orbax's
+    default on CPU ("replica-parallel") splits each replicated array over the devices with
+    a compiled slice per array shape: about 220 small compiles, 5 to 10 s, in every
+    process's first save."""
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (np.number, th.ScalarHandler()),
+        (np.ndarray, th.NumpyHandler()), (jax.Array, th.ArrayHandler(use_replica_parallel=False)))
+
+
+def _manager(path: str, keep: int, arrays: str, *, data_iter: bool = False,
+             read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager of steps holding the pytree item ``arrays``, ``meta`` (JSON) and, with
+    ``data_iter``, the Grain iterator."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(path), options=options)
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    handlers = {arrays: ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                "meta": ocp.JsonCheckpointHandler()}
+    if data_iter:
+        handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
+    return ocp.CheckpointManager(os.path.abspath(path), options=options, item_handlers=handlers)
 
 
-def _abstract(tree):
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+def _restore_args(target):
+    """Restore arguments of a pytree item: as ``target`` (shapes, dtypes, shardings), or as saved."""
+    if target is None:
+        return ocp.args.PyTreeRestore()
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return ocp.args.PyTreeRestore(item=abstract,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def _first_line(e: BaseException) -> str:
@@ -142,9 +166,9 @@ class Checkpoints:
     """The latest-state and best-weights checkpoints of one workdir."""
 
     def __init__(self, workdir: str, keep: int = 2):
-        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
+        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, "state", data_iter=True)
         # Two best steps: the one of a resumed state survives a newer one that is dropped.
-        self.best = _manager(os.path.join(workdir, "best"), 2)
+        self.best = _manager(os.path.join(workdir, "best"), 2, "weights")
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -161,7 +185,7 @@ class Checkpoints:
 
     def save_latest(self, step: int, state: Any, data_iter: Any, loop: LoopState) -> None:
         self._save(self.latest, step, ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(loop.to_json())), "training state")
 
@@ -179,8 +203,7 @@ class Checkpoints:
             where = f"{self.latest.directory}/{step}"
             try:
                 restored = self.latest.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract(target_state)),
-                    meta=ocp.args.JsonRestore()))
+                    state=_restore_args(target_state), meta=ocp.args.JsonRestore()))
                 loop = LoopState.from_json(restored["meta"], f"{where}/meta")
             except IncompatibleStateError:
                 raise
@@ -217,7 +240,7 @@ class Checkpoints:
 
     def save_best(self, step: int, weights: Any, meta: dict) -> None:
         self._save(self.best, step, ocp.args.Composite(
-            weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)), "best-weights")
+            weights=ocp.args.PyTreeSave(weights), meta=ocp.args.JsonSave(meta)), "best-weights")
 
     def restore_best(self, target_weights: Any | None = None):
         """Returns ``(weights, meta)`` of the best checkpoint, or ``None`` when there is none."""
@@ -235,12 +258,10 @@ def restore_best(manager_or_workdir, target_weights: Any | None = None):
         path = os.path.join(os.fspath(mngr), "best")
         if not os.path.isdir(path):
             return None
-        mngr = ocp.CheckpointManager(os.path.abspath(path))
+        mngr = _manager(path, 2, "weights", read_only=True)
     step = mngr.latest_step()
     if step is None:
         return None
-    weights_args = (ocp.args.StandardRestore(_abstract(target_weights))
-                    if target_weights is not None else ocp.args.StandardRestore())
     restored = mngr.restore(step, args=ocp.args.Composite(
-        weights=weights_args, meta=ocp.args.JsonRestore()))
+        weights=_restore_args(target_weights), meta=ocp.args.JsonRestore()))
     return restored["weights"], restored["meta"]

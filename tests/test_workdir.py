@@ -26,6 +26,8 @@ def _leaves(tree, prefix=""):
 
 
 def _changed(value):
+    if value is None:
+        return "x"
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
