@@ -149,12 +149,13 @@ def _manager(path: str, keep: int, arrays: str, *, data_iter: bool = False,
 
 
 def _restore_args(target):
-    """Restore arguments of a pytree item: as ``target`` (shapes, dtypes, shardings), or as saved."""
+    """Restore arguments of a pytree item: like ``target`` (shapes, dtypes, shardings), or
+    as saved when None."""
     if target is None:
         return ocp.args.PyTreeRestore()
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return ocp.args.PyTreeRestore(item=abstract,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
 
 
 def _first_line(e: BaseException) -> str:

@@ -89,7 +89,8 @@ def check_cells(config: ml_collections.ConfigDict, workdir: str, cells: dict,
     dest = workdir_lib.discarded_path(workdir)
     for m in mismatches:
         with workdir_lib.WorkdirLock(m.workdir):
-            workdir_lib.move_aside(m.workdir, os.path.join(dest, os.path.relpath(m.workdir, workdir)))
+            rel = os.path.relpath(m.workdir, workdir)
+            workdir_lib.move_aside(m.workdir, os.path.join(dest, rel))
     with workdir_lib.writing("the discarded grid summary", dest):
         os.makedirs(dest, exist_ok=True)
         for name in SUMMARY_FILES:

@@ -205,10 +205,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
         done_file = os.path.join(workdir, METRICS_FILE)
         if os.path.exists(done_file):
-            log.info("%s: this run is finished (same configuration and data); its result is %s.",
-                     workdir, done_file)
             with open(done_file) as f:
-                return json.load(f)
+                result = json.load(f)
+            log.info("%s: this run is finished (same configuration and data): test macro-F1 %.4f, "
+                     "accuracy %.4f (%s).", workdir, result.get("macro_f1", math.nan),
+                     result.get("accuracy", math.nan), done_file)
+            return result
         with workdir_lib.writing("the checkpoint folders", workdir):
             ckpt = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
         cleanup.callback(_close_quietly, ckpt)

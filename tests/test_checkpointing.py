@@ -47,8 +47,8 @@ def test_latest_round_trip_and_fallback_from_damaged_checkpoint(tmp_path, caplog
     next(it)
     bumped = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, state.params)
     loop = LoopState(epoch=2, step_in_epoch=1, loss_sum=0.25, accuracy_sum=1.5, summed_steps=2,
-                     best_f1=0.5, best_epoch=1, bad_epochs=1, history=[{"epoch": 1, "val_macro_f1": 0.5}],
-                     data_start_step=0, metrics_bytes=123)
+                     best_f1=0.5, best_epoch=1, bad_epochs=1, data_start_step=0, metrics_bytes=123,
+                     history=[{"epoch": 1, "val_macro_f1": 0.5}])
     ck.save_latest(4, state.replace(step=jnp.array(4), params=bumped), it, loop)
 
     step, restored, got = ck.restore_latest(state)
@@ -93,11 +93,13 @@ def test_loop_state_is_versioned_and_a_bad_one_is_a_clear_error(tmp_path, caplog
         open(_meta_file(tmp_path, 3), "w").write(json.dumps(other))
         with pytest.raises(checkpointing.IncompatibleStateError) as e:
             ck.restore_latest(state)
-        assert f"{tmp_path}/checkpoints/3/meta" in str(e.value) and "this histo_jax reads version 1" in str(e.value)
+        assert f"{tmp_path}/checkpoints/3/meta" in str(e.value)
+        assert "this histo_jax reads version 1" in str(e.value)
     # Nothing restorable: an error, not a silent restart from scratch.
     for s in (2, 3):
         open(_meta_file(tmp_path, s), "w").write("[]")
-    with pytest.raises(checkpointing.CheckpointError, match="None of the checkpoints of this run can be restored"):
+    with pytest.raises(checkpointing.CheckpointError,
+                       match="None of the checkpoints of this run can be restored"):
         ck.restore_latest(state)
     with pytest.raises(checkpointing.CorruptStateError, match="missing|lacks"):
         LoopState.from_json({"version": 1, "epoch": 1}, "x")

@@ -183,8 +183,9 @@ def test_faults_stop_the_run_clearly_and_the_rerun_resumes_exactly(trained_run, 
     """A non-finite loss, a full disk in a checkpoint write, an I/O error in the metrics log
     and a full disk while the test outputs are written: each stops the run with a clear
     error, keeps the last complete checkpoint, and the same call resumes from it. The workdir
-    first holds an old run of another config, discarded (moved aside). At the end the run
-    equals the uninterrupted one, scalar log included."""
+    first holds an old run of another config, discarded (moved aside); one resume finds a
+    data-iterator state of another worker count. At the end the run equals the
+    uninterrupted one, scalar log included."""
     c = tiny_config(trained_run["config"].data.dir, trained_run["config"].data.prepared_dir,
                     trained_run["config"].compilation_cache_dir)
     wd = str(tmp_path / "faults")
@@ -205,7 +206,8 @@ def test_faults_stop_the_run_clearly_and_the_rerun_resumes_exactly(trained_run, 
                 local = dict(local, labels=np.full_like(local["labels"], 7))
         return global_batch(mesh, local)
     monkeypatch.setattr(parallel, "global_batch", bad_label_batch)
-    with pytest.raises(train.NonFiniteLossError, match="Non-finite training loss.*step 5.*last good checkpoint"):
+    with pytest.raises(train.NonFiniteLossError,
+                       match="Non-finite training loss.*step 5.*last good checkpoint"):
         train.train_and_evaluate(c, wd, discard_old_run=True)
     monkeypatch.undo()
     [discarded] = glob.glob(wd + ".discarded-*")
@@ -251,9 +253,17 @@ def test_faults_stop_the_run_clearly_and_the_rerun_resumes_exactly(trained_run, 
     assert msg.startswith(f"Could not write the metrics log ({wd}/metrics.jsonl): an I/O error")
     assert open(os.path.join(wd, "metrics.jsonl")).read().endswith('{"step": 9, "ep')
 
+    # As if step 8 had been saved with data.num_workers=2: Grain refuses that iterator state,
+    # so the training stream restarts at global batch 8 (the same batches, see the end).
+    it_file = os.path.join(wd, "checkpoints", "8", "data_iter", "process_0-of-1.json")
+    it_state = json.load(open(it_file))
+    json.dump(dict(it_state, worker_count=2), open(it_file, "w"))
+
     # 4. The disk fills up while the test outputs are written.
     msg = stopped((plots, "confusion_matrix"), no_space, 12)
     assert msg.startswith(f"Could not write the test outputs ({wd}): the disk is full")
+    meta = json.load(open(os.path.join(wd, "checkpoints", "12", "meta", "metadata")))
+    assert meta["data_start_step"] == 8
 
     # The same call once more: it resumes (the log continues from the checkpoint's rows).
     train.train_and_evaluate(c, wd)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from runutil import REPO, tiny_config
+from runutil import tiny_config
 
 from histo_jax import train, workdir
 from histo_jax.config import get_base_config
@@ -123,7 +123,8 @@ def test_results_without_identity_are_refused(tmp_path):
     wd = str(tmp_path)
     json.dump({"macro_f1": 0.9}, open(os.path.join(wd, "metrics.json"), "w"))
     ident, cfg_json = _identity()
-    with pytest.raises(workdir.IdentityMismatchError, match="a finished run(.|\n)*identity.json: missing"):
+    with pytest.raises(workdir.IdentityMismatchError,
+                       match="a finished run(.|\n)*identity.json: missing"):
         workdir.claim(wd, ident, cfg_json)
     open(os.path.join(wd, "identity.json"), "w").write("{not json")
     with pytest.raises(workdir.WorkdirError, match="identity.json cannot be read"):
