@@ -217,8 +217,8 @@ def compare(workdir: str, identity: RunIdentity) -> Mismatch | None:
     return Mismatch(workdir, stored.differences(identity) or ["(fingerprint differs)"])
 
 
-DISCARD_HINT = ("To keep it, give this command another --workdir. To start afresh here, add "
-                "--discard_old_run: the old files are moved (not deleted) to "
+DISCARD_HINT = ("To keep the old results, give this command another --workdir. To start afresh "
+                "here instead, add --discard_old_run: the old files are moved (not deleted) to "
                 "<workdir>.discarded-<time>/.")
 
 
