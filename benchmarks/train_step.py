@@ -18,6 +18,7 @@ Output: JSON lines (see benchmarks/README.md for the fields). Usage::
 
     python benchmarks/train_step.py [--inputs 1,2,3,4] [--modes train,train_aug,eval]
         [--batch 25] [--size 224] [--rounds 3] [--steps 2] [--torch] [--dtype float32]
+        [--impl auto|plain|xla_cpu] [--model_set bn_stats=joint,remat=true]
 
 Peak memory is the worker's host RSS high-water mark (``VmHWM``) after compile and at the end;
 on GPU / TPU also the device's ``peak_bytes_in_use``. The code is backend-agnostic: on an
@@ -103,7 +104,7 @@ def jax_worker(a: argparse.Namespace) -> None:
 
     cfg = get_base_config()
     cfg.model.dtype = a.dtype
-    cfg.model.depthwise = a.depthwise
+    cfg.model.impl = a.impl
     for kv in filter(None, a.model_set.split(",")):
         k, v = kv.split("=", 1)
         cfg.model[k] = _parse_value(v)
@@ -227,7 +228,7 @@ class Worker:
         cmd = [a.torch_python if framework == "torch" else sys.executable, str(pathlib.Path(
             __file__).resolve()), "--worker", framework, "--n", str(n), "--mode", mode,
             "--batch", str(a.batch), "--size", str(a.size), "--dtype", a.dtype,
-            "--depthwise", a.depthwise, "--model_set", a.model_set,
+            "--impl", a.impl, "--model_set", a.model_set,
             "--torch_threads", str(a.torch_threads), "--compiler_options", a.compiler_options]
         env = dict(os.environ)
         if framework == "jax" and a.xla_flags is not None:
@@ -302,7 +303,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round and framework")
     p.add_argument("--dtype", default="float32", help="histo_jax compute dtype")
-    p.add_argument("--depthwise", default="auto", help="histo_jax depthwise implementation")
+    p.add_argument("--impl", default="auto", help="histo_jax layer implementation (model.impl): "
+                   "auto | plain | xla_cpu")
     p.add_argument("--model_set", default="",
                    help="extra model config fields, 'key=value,...' (e.g. remat=True)")
     p.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX workers")

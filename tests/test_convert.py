@@ -132,7 +132,7 @@ def test_load_pytorch_backbone_gives_an_encoder(tmp_path):
     save_file(_with_torch_extras(convert.export_state_dict(src, "timm"),
                                  {"classifier.weight": np.zeros((1000, 320), np.float32)}),
               str(path))
-    enc = histo_jax.load_pytorch(path, variant="tiny", depthwise="grouped")
+    enc = histo_jax.load_pytorch(path, variant="tiny", impl="plain")
     assert isinstance(enc, EfficientNet)
     x = _images((3, 32, 32, 3))
     np.testing.assert_allclose(np.asarray(_call(enc, x)), np.asarray(_call(src, x)), atol=1e-5)

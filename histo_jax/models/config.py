@@ -12,6 +12,7 @@ VARIANTS: dict[str, tuple[float, float]] = {
 }
 
 DTYPES = ("float32", "bfloat16")
+BN_STATS = ("per_input", "joint")
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -20,7 +21,16 @@ def get_model_config() -> ml_collections.ConfigDict:
     c.variant = "b0"            # 'b0' | 'tiny' (see VARIANTS)
     c.width_mult = 1.0          # extra channel multiplier on top of the variant
     c.depth_mult = 1.0          # extra depth multiplier on top of the variant
-    c.depthwise = "auto"        # 'auto' (shift on CPU, grouped elsewhere) | 'shift' | 'grouped'
+    # Layer implementation: 'plain' (histo_jax/models/plain.py: the readable definition, autodiff)
+    # or 'xla_cpu' (histo_jax/models/xla_cpu.py: same numbers, several times faster on XLA:CPU);
+    # 'auto' = xla_cpu on the CPU backend, plain elsewhere.
+    c.impl = "auto"
+    # Train-mode BatchNorm statistics. 'per_input' (the reference): each input scale is
+    # normalised with its own batch statistics and the running averages take one update per
+    # input, input 0 first, exactly as the original, which calls its encoder once per input.
+    # 'joint' (a deviation from the reference): statistics pooled over all B x N crops of the
+    # step, one running update per step. Eval mode is the same for both.
+    c.bn_stats = "per_input"
     c.pretrained = "none"       # 'none' | 'imagenet' | path to a PyTorch .pth/.safetensors file
     c.embed_dim = 128           # projection / attention width
     c.num_heads = 8

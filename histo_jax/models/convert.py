@@ -294,7 +294,7 @@ def load_pytorch(path: str | os.PathLike, **model_overrides: Any
       (B, H, W, 3) float32 images, returns pooled (B, 1280) features.
 
     ``model_overrides`` are ``get_model_config()`` fields (e.g. ``dtype='bfloat16'``,
-    ``depthwise='grouped'``, ``variant='tiny'``).
+    ``impl='plain'``, ``variant='tiny'``, ``bn_stats='joint'``).
     """
     from histo_jax.models.config import get_model_config
     from histo_jax.models.fusion import build_model
@@ -321,7 +321,7 @@ def load_pytorch(path: str | os.PathLike, **model_overrides: Any
         cfg.update(model_overrides)
         model = EfficientNet(
             variant=cfg.variant, width_mult=cfg.width_mult, depth_mult=cfg.depth_mult,
-            stochastic_depth=cfg.stochastic_depth, depthwise=cfg.depthwise, bn_eps=cfg.bn_eps,
+            stochastic_depth=cfg.stochastic_depth, impl=cfg.impl, bn_eps=cfg.bn_eps,
             bn_momentum=cfg.bn_momentum, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(params=0))
     load_state_dict(model, sd, str(path))
     model.eval()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from histo_jax.models import layers
+from histo_jax.models import layers, plain, xla_cpu
 from histo_jax.models.config import resolve_multipliers
 
 
@@ -59,25 +59,14 @@ def scaled_stages(width_mult: float = 1.0, depth_mult: float = 1.0) -> tuple[Sta
         for s in B0_STAGES)
 
 
-def se_gate(params: tuple, pooled: jax.Array, dtype: Any) -> jax.Array:
-    """Squeeze-excitation gate from pooled features (B, 1, 1, C): 1x1 conv (bias) -> SiLU ->
-    1x1 conv (bias) -> sigmoid. ``params`` = (reduce kernel, reduce bias, expand kernel,
-    expand bias), kernels HWIO (1, 1, in, out)."""
-    k1, b1, k2, b2 = (p.astype(dtype) for p in params)
-    h = jax.nn.silu(layers.pointwise_matmul(pooled, k1[0, 0]) + b1)
-    return jax.nn.sigmoid(layers.pointwise_matmul(h, k2[0, 0]) + b2)
-
-
-def _pool(x: jax.Array) -> jax.Array:
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
-
-
 class SqueezeExcite(nnx.Module):
     """avg-pool -> 1x1 conv (bias) -> SiLU -> 1x1 conv (bias) -> sigmoid -> scale."""
 
-    def __init__(self, channels: int, squeeze: int, *, dtype: Any, rngs: nnx.Rngs):
-        self.reduce = layers.Conv2d(channels, squeeze, 1, use_bias=True, dtype=dtype, rngs=rngs)
-        self.expand = layers.Conv2d(squeeze, channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, squeeze: int, *, impl: str = "auto", dtype: Any,
+                 rngs: nnx.Rngs):
+        kw = dict(use_bias=True, impl=impl, dtype=dtype, rngs=rngs)
+        self.reduce = layers.Conv2d(channels, squeeze, 1, **kw)
+        self.expand = layers.Conv2d(squeeze, channels, 1, **kw)
         self.dtype = dtype
 
     def params(self) -> tuple:
@@ -85,130 +74,49 @@ class SqueezeExcite(nnx.Module):
                 self.expand.bias[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x * se_gate(self.params(), _pool(x), self.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class _CoreSpec:
-    stride: int
-    eps_expand: float
-    eps_dw: float
-    dtype: Any
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mbconv_core_train(spec: _CoreSpec, e, bn_expand, kernel, bn_dw, se, w_project):
-    """Train-mode middle of an MBConv block as one op with a hand-written backward:
-    [BatchNorm+SiLU of the expand conv output ``e``] -> depthwise (shift) -> BatchNorm+SiLU
-    -> squeeze-excitation -> 1x1 project conv. Returns the project conv output and the batch
-    statistics ``((mean, var) expand [if any], (mean, var) depthwise)`` for the running
-    averages (no gradient flows through them).
-
-    Autodiff of the same chain stores every intermediate (the activated expand output, the
-    activated depthwise output and the SE-scaled tensor, the widest tensors of the network)
-    for the backward pass. This op stores only ``e`` and the depthwise output before its
-    BatchNorm and recomputes the rest in the backward: about 40 % less activation memory
-    in the train step for a few elementwise passes. Gradients equal autodiff's (tested).
-    """
-    return _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project)[0]
-
-
-def _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project):
-    dt = spec.dtype
-    stats, saved = [], []
-    a1 = e
-    if bn_expand is not None:
-        a1, (mean, var, rstd) = layers.bn_act_forward(e, *bn_expand, spec.eps_expand, True)
-        a1 = a1.astype(dt)
-        stats.append((mean, var))
-        saved.append((mean, rstd))
-    d = layers.shift_forward(a1, kernel.astype(dt), spec.stride)
-    a2, (mean, var, rstd) = layers.bn_act_forward(d, *bn_dw, spec.eps_dw, True)
-    a2 = a2.astype(dt)
-    stats.append((mean, var))
-    pooled = _pool(a2)
-    gate = se_gate(se, pooled, dt)
-    p = jax.lax.dot_general(a2 * gate, w_project.astype(dt), (((3,), (0,)), ((), ())))
-    res = (e, saved, d, (mean, rstd), pooled, gate, bn_expand, kernel, bn_dw, se, w_project)
-    return (p, tuple(stats)), res
-
-
-def _core_bwd(spec, res, cts):
-    g = cts[0]  # the statistics' cotangents are ignored: they feed only running averages
-    e, saved, d, (mean2, rstd2), pooled, gate, bn_expand, kernel, bn_dw, se, w_project = res
-    dt = spec.dtype
-    f32 = jnp.float32
-    # Recomputations are made to depend on the incoming gradient (``layers.not_before``) so that
-    # XLA:CPU's scheduler does not hoist them to the start of the backward pass, where they
-    # would all be alive at once.
-    a2 = layers.bn_act_recompute(d, layers.not_before(mean2, g), rstd2, *bn_dw, True).astype(dt)
-    # project: z = a2 * gate, p = z @ w
-    dz, dw_project = layers.pointwise_backward((a2 * gate, w_project.astype(dt)), g)
-    # squeeze-excitation: gate = se_gate(pool(a2)), z = a2 * gate
-    dgate = jnp.sum(dz.astype(f32) * a2.astype(f32), axis=(1, 2), keepdims=True).astype(dt)
-    _, se_vjp = jax.vjp(lambda p, s: se_gate(p, s, dt), se, pooled)
-    dse, dpooled = se_vjp(dgate)
-    hw = a2.shape[1] * a2.shape[2]
-    da2 = dz.astype(f32) * gate.astype(f32) + dpooled.astype(f32) / hw
-    dd, dscale2, dbias2 = layers.bn_act_backward(True, (d, mean2, rstd2, *bn_dw), da2)
-    a1 = e
-    if bn_expand is not None:
-        (mean1, rstd1), = saved
-        a1 = layers.bn_act_recompute(e, layers.not_before(mean1, dbias2), rstd1, *bn_expand, True)
-        a1 = a1.astype(dt)
-    da1, dkernel = layers.shift_backward(spec.stride, (a1, kernel.astype(dt)), dd.astype(dt))
-    if bn_expand is None:
-        de, dbn_expand = da1.astype(e.dtype), None
-    else:
-        de, dscale1, dbias1 = layers.bn_act_backward(True, (e, mean1, rstd1, *bn_expand), da1)
-        de, dbn_expand = de.astype(e.dtype), (dscale1, dbias1)
-    return (de, dbn_expand, dkernel.astype(kernel.dtype), (dscale2, dbias2),
-            tuple(x.astype(p.dtype) for x, p in zip(dse, se)),
-            dw_project.astype(w_project.dtype))
-
-
-mbconv_core_train.defvjp(_core_forward, _core_bwd)
-
+        return x * plain.se_gate(self.params(), plain.global_pool(x), self.dtype)
 
 
 class MBConv(nnx.Module):
     """Inverted residual block: [1x1 expand] -> depthwise -> SE -> 1x1 project [+ residual].
 
-    In train mode with the ``shift`` depthwise implementation (XLA:CPU), the part between
-    the expand conv and the project BatchNorm runs as :func:`mbconv_core_train`, whose
-    backward recomputes instead of storing; elsewhere module by module (same numbers;
-    ``block.fused_train = False`` forces the module path).
+    ``impl='plain'`` runs it module by module (the definition). With ``impl='xla_cpu'`` in
+    train mode, the part between the expand conv and the project BatchNorm runs as
+    :func:`histo_jax.models.xla_cpu.mbconv_core_train`, one op whose backward recomputes
+    instead of storing (same numbers; tested against the plain path).
     """
 
     def __init__(self, in_ch: int, out_ch: int, expand: int, kernel: int, stride: int, *,
-                 drop_rate: float, depthwise: str, bn_eps: float, dtype: Any, rngs: nnx.Rngs):
+                 drop_rate: float, impl: str, bn_eps: float, dtype: Any, rngs: nnx.Rngs):
         hidden = make_divisible(in_ch * expand)
-        self.expand = (layers.ConvBN(in_ch, hidden, 1, bn_eps=bn_eps, dtype=dtype, rngs=rngs)
+        kw = dict(impl=impl, dtype=dtype)
+        self.expand = (layers.ConvBN(in_ch, hidden, 1, bn_eps=bn_eps, rngs=rngs, **kw)
                        if hidden != in_ch else None)
-        self.dw = layers.DepthwiseConv2d(hidden, kernel, stride, impl=depthwise, dtype=dtype,
-                                         rngs=rngs)
-        self.dw_bn = layers.BatchNorm(hidden, eps=bn_eps, dtype=dtype)
-        self.se = SqueezeExcite(hidden, max(1, in_ch // 4), dtype=dtype, rngs=rngs)
-        self.project = layers.ConvBN(hidden, out_ch, 1, act=False, bn_eps=bn_eps, dtype=dtype,
-                                     rngs=rngs)
+        self.dw = layers.DepthwiseConv2d(hidden, kernel, stride, rngs=rngs, **kw)
+        self.dw_bn = layers.BatchNorm(hidden, eps=bn_eps, **kw)
+        self.se = SqueezeExcite(hidden, max(1, in_ch // 4), rngs=rngs, **kw)
+        self.project = layers.ConvBN(hidden, out_ch, 1, act=False, bn_eps=bn_eps, rngs=rngs, **kw)
         self.use_residual = stride == 1 and in_ch == out_ch
         self.drop_rate = drop_rate
+        self.impl = self.dw.impl
         self.deterministic = False
-        self.fused_train = True
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        if self.fused_train and not self.dw_bn.use_running_average and self.dw.impl == "shift":
-            y = self.project.bn(self._train_core(x), act=False)
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None,
+                 stat_groups: int = 1) -> jax.Array:
+        if self.impl == "xla_cpu" and not self.dw_bn.use_running_average:
+            y = self.project.bn(self._fused_train_core(x, stat_groups), act=False,
+                                stat_groups=stat_groups)
         else:
-            y = x if self.expand is None else self.expand(x)
-            y = self.project(self.se(self.dw_bn(self.dw(y), act=True)))
+            y = x if self.expand is None else self.expand(x, stat_groups)
+            y = self.dw_bn(self.dw(y), act=True, stat_groups=stat_groups)
+            y = self.project(self.se(y), stat_groups)
         if not self.use_residual:
             return y
         if not self.deterministic and self.drop_rate > 0.0:
             y = layers.stochastic_depth(y, self.drop_rate, layers.next_key(rngs, "EfficientNet"))
         return y + x
 
-    def _train_core(self, x: jax.Array) -> jax.Array:
+    def _fused_train_core(self, x: jax.Array, stat_groups: int) -> jax.Array:
         dt = self.dw.dtype
         if self.expand is None:
             e, bn_expand, eps_expand = x.astype(dt), None, 0.0
@@ -216,14 +124,14 @@ class MBConv(nnx.Module):
             e = self.expand.conv(x)
             bn = self.expand.bn
             bn_expand, eps_expand = (bn.scale[...], bn.bias[...]), bn.eps
-        spec = _CoreSpec(self.dw.stride, eps_expand, self.dw_bn.eps, jnp.dtype(dt))
-        p, stats = mbconv_core_train(
+        spec = xla_cpu.CoreSpec(self.dw.stride, eps_expand, self.dw_bn.eps, stat_groups,
+                                jnp.dtype(dt))
+        p, stats = xla_cpu.mbconv_core_train(
             spec, e, bn_expand, self.dw.kernel[...], (self.dw_bn.scale[...], self.dw_bn.bias[...]),
             self.se.params(), self.project.conv.kernel[...][0, 0])
         if self.expand is not None:
-            self.expand.bn.update_running_stats(*stats[0], e.size // e.shape[-1])
-        n = p.size // p.shape[-1]
-        self.dw_bn.update_running_stats(*stats[-1], n)
+            self.expand.bn.update_running_stats(*stats[0], e.size // (e.shape[-1] * stat_groups))
+        self.dw_bn.update_running_stats(*stats[-1], p.size // (p.shape[-1] * stat_groups))
         return p
 
 
@@ -236,7 +144,7 @@ class EfficientNet(nnx.Module):
     """
 
     def __init__(self, *, variant: str = "b0", width_mult: float = 1.0, depth_mult: float = 1.0,
-                 stochastic_depth: float = 0.2, depthwise: str = "auto", bn_eps: float = 1e-5,
+                 stochastic_depth: float = 0.2, impl: str = "auto", bn_eps: float = 1e-5,
                  bn_momentum: float = 0.1, dtype: Any = jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
         w, d = resolve_multipliers(variant, width_mult, depth_mult)
@@ -244,7 +152,8 @@ class EfficientNet(nnx.Module):
         self.stages = scaled_stages(w, d)
         self.dtype = jnp.dtype(dtype)
         stem_ch = self.stages[0].in_ch
-        self.stem = layers.ConvBN(3, stem_ch, 3, 2, bn_eps=bn_eps, dtype=dtype, rngs=rngs)
+        self.stem = layers.ConvBN(3, stem_ch, 3, 2, bn_eps=bn_eps, impl=impl, dtype=dtype,
+                                  rngs=rngs)
         total = sum(s.repeats for s in self.stages)
         blocks, stage_ends, idx = [], [], 0
         for s in self.stages:
@@ -252,14 +161,14 @@ class EfficientNet(nnx.Module):
                 blocks.append(MBConv(
                     s.in_ch if j == 0 else s.out_ch, s.out_ch, s.expand, s.kernel,
                     s.stride if j == 0 else 1, drop_rate=stochastic_depth * idx / total,
-                    depthwise=depthwise, bn_eps=bn_eps, dtype=dtype, rngs=rngs))
+                    impl=impl, bn_eps=bn_eps, dtype=dtype, rngs=rngs))
                 idx += 1
             stage_ends.append(idx)
         self.blocks = nnx.List(blocks)
         self.stage_ends = tuple(stage_ends)
         self.num_features = 4 * self.stages[-1].out_ch
         self.head = layers.ConvBN(self.stages[-1].out_ch, self.num_features, 1, bn_eps=bn_eps,
-                                  dtype=dtype, rngs=rngs)
+                                  impl=impl, dtype=dtype, rngs=rngs)
         for bn in (m for _, m in nnx.iter_graph(self) if isinstance(m, layers.BatchNorm)):
             bn.momentum = bn_momentum
 
@@ -268,35 +177,42 @@ class EfficientNet(nnx.Module):
         starts = (0,) + self.stage_ends[:-1]
         return [list(self.blocks[a:b]) for a, b in zip(starts, self.stage_ends)]
 
-    def features(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+    def features(self, x: jax.Array, rngs: nnx.Rngs | None = None,
+                 stat_groups: int = 1) -> list[jax.Array]:
         """Feature maps after the stem, after each stage, and after the head (9 maps).
+
+        ``stat_groups`` (train mode): the batch is (B, G) flattened and every BatchNorm
+        normalises each of the G groups with its own statistics (see
+        :mod:`histo_jax.models.plain`); 1 pools the whole batch.
 
         With ``remat`` (train mode only) each MBConv block is rematerialised in the backward
         pass (``nnx.remat``): only block inputs are kept, for one extra forward pass. Since
-        the blocks store little already (:func:`mbconv_core_train`), this saves only ~8 % of
-        the N=1 train step's memory and costs ~40 % of its time; off by default.
+        the blocks store little already (:func:`xla_cpu.mbconv_core_train`), this saves only
+        ~8 % of the N=1 train step's memory and costs ~40 % of its time; off by default.
         """
         _check_images(x, 4, "EfficientNet")
         layers.check_rngs(self, rngs, "EfficientNet")
-        y = self.stem(x.astype(self.dtype))
+        y = self.stem(x.astype(self.dtype), stat_groups)
         maps = [y]
         for i, block in enumerate(self.blocks):
-            y = (_remat_block(block, y, rngs) if self.remat and not block.deterministic
-                 else block(y, rngs))
+            y = (_remat_block(block, y, rngs, stat_groups) if self.remat and not block.deterministic
+                 else block(y, rngs, stat_groups))
             if i + 1 in self.stage_ends:
                 maps.append(y)
-        maps.append(self.head(y))
+        maps.append(self.head(y, stat_groups))
         return maps
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None,
+                 stat_groups: int = 1) -> jax.Array:
         """Pooled features (B, num_features), float32."""
-        fmap = self.features(x, rngs)[-1]
+        fmap = self.features(x, rngs, stat_groups)[-1]
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
 
 
-@nnx.remat
-def _remat_block(block: MBConv, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-    return block(x, rngs)
+@functools.partial(nnx.remat, static_argnums=(3,))
+def _remat_block(block: MBConv, x: jax.Array, rngs: nnx.Rngs | None,
+                 stat_groups: int) -> jax.Array:
+    return block(x, rngs, stat_groups)
 
 
 def _check_images(x: jax.Array, ndim: int, where: str) -> None:

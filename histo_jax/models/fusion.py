@@ -2,7 +2,11 @@
 
 Reimplements the reference ``MultiInputModule`` (SPEC section 3) with PyTorch semantics:
 
-* the encoder runs ONCE over all B * N crops (inputs folded into the batch axis);
+* the encoder runs ONCE over all B * N crops (inputs folded into the batch axis, b-major).
+  In training its BatchNorms normalise each input with that input's own statistics and
+  update their running averages once per input, input 0 first (``bn_stats='per_input'``,
+  the reference, which calls its encoder once per input), or pool all crops
+  (``bn_stats='joint'``, a deviation);
 * a shared Linear(F -> E) projects each pooled feature to a token;
 * for each input i its own ``nn.MultiheadAttention`` (query = token i, keys = values = all
   tokens, dropout on the attention weights), then the shared
@@ -24,7 +28,7 @@ import ml_collections
 from flax import nnx
 
 from histo_jax.models import layers
-from histo_jax.models.config import DTYPES
+from histo_jax.models.config import BN_STATS, DTYPES
 from histo_jax.models.efficientnet import EfficientNet, _check_images
 
 
@@ -86,10 +90,14 @@ class MultiInputClassifier(nnx.Module):
     def __init__(self, num_inputs: int, *, encoder: EfficientNet, embed_dim: int = 128,
                  num_heads: int = 8, ffn_dim: int = 512, dropout: float = 0.5,
                  attn_dropout: float = 0.5, num_classes: int = 2, ln_eps: float = 1e-5,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 bn_stats: str = "per_input", dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if num_inputs < 1:
             raise ValueError(f"num_inputs must be >= 1, got {num_inputs}.")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats {bn_stats!r} is unknown (config field model.bn_stats); "
+                             f"use one of {BN_STATS}.")
         self.num_inputs = num_inputs
+        self.bn_stats = bn_stats
         self.encoder = encoder
         self.dtype = jnp.dtype(dtype)
         self.proj = _torch_linear(encoder.num_features, embed_dim, dtype=dtype, rngs=rngs)
@@ -121,7 +129,9 @@ class MultiInputClassifier(nnx.Module):
             raise ValueError(f"MultiInputClassifier was built for {self.num_inputs} inputs but "
                              f"got images with N = {n} (shape {tuple(images.shape)}).")
         layers.check_rngs(self, rngs, "MultiInputClassifier")
-        feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs)  # (B*N, F)
+        groups = n if self.bn_stats == "per_input" else 1
+        feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs,
+                             stat_groups=groups)                                  # (B*N, F)
         tokens = self.proj(feats.astype(self.dtype)).reshape(b, n, -1)          # (B, N, E)
         fused, attn = [], []
         for i, mha in enumerate(self.attention):
@@ -150,17 +160,19 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_inputs: int,
     if model_cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype {model_cfg.dtype!r} is not supported; use one of {DTYPES}.")
     dtype = jnp.dtype(model_cfg.dtype)
+    # .get: configs saved before these fields existed (run workdirs of earlier versions).
     encoder = EfficientNet(
         variant=model_cfg.variant, width_mult=model_cfg.width_mult,
         depth_mult=model_cfg.depth_mult, stochastic_depth=model_cfg.stochastic_depth,
-        depthwise=model_cfg.depthwise, bn_eps=model_cfg.bn_eps,
+        impl=model_cfg.get("impl", "auto"), bn_eps=model_cfg.bn_eps,
         bn_momentum=model_cfg.bn_momentum, dtype=dtype,
         remat=bool(model_cfg.remat), rngs=rngs)
     model = MultiInputClassifier(
         num_inputs, encoder=encoder, embed_dim=model_cfg.embed_dim,
         num_heads=model_cfg.num_heads, ffn_dim=model_cfg.ffn_dim, dropout=model_cfg.dropout,
         attn_dropout=model_cfg.attn_dropout, num_classes=model_cfg.num_classes,
-        ln_eps=model_cfg.ln_eps, dtype=dtype, rngs=rngs)
+        ln_eps=model_cfg.ln_eps, bn_stats=model_cfg.get("bn_stats", "per_input"), dtype=dtype,
+        rngs=rngs)
     pretrained = str(model_cfg.get("pretrained", "none") or "none")
     if pretrained != "none":
         from histo_jax.models import convert  # local import: convert imports this module

@@ -1,10 +1,11 @@
-"""Forward + backward time of the full EfficientNet-B0 encoder per depthwise implementation.
+"""Forward + backward time of the full EfficientNet-B0 encoder per layer implementation.
 
-Prints one JSON line per implementation ('shift', 'grouped'): compile time and the median of
-``--repeats`` timed train-mode steps (loss = sum of pooled features, gradients w.r.t. all
-params). Usage::
+Prints one JSON line per ``model.impl`` ('xla_cpu': shift depthwise conv, hand-written
+backward passes, the fused MBConv op; 'plain': XLA's grouped depthwise conv and autodiff):
+compile time and the median of ``--repeats`` timed train-mode steps (loss = sum of pooled
+features, gradients w.r.t. all params). Usage::
 
-    python benchmarks/depthwise.py [--batch 8] [--size 224] [--repeats 5] [--impls shift,grouped]
+    python benchmarks/impl.py [--batch 8] [--size 224] [--repeats 5] [--impls xla_cpu,plain]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from histo_jax.models import EfficientNet  # noqa: E402
 
 
 def bench(impl: str, batch: int, size: int, repeats: int) -> dict:
-    enc = EfficientNet(depthwise=impl, stochastic_depth=0.0, rngs=nnx.Rngs(params=0))
+    enc = EfficientNet(impl=impl, stochastic_depth=0.0, rngs=nnx.Rngs(params=0))
     enc.train()
 
     @nnx.jit
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--impls", default="shift,grouped")
+    p.add_argument("--impls", default="xla_cpu,plain")
     a = p.parse_args(argv)
     for impl in a.impls.split(","):
         print(json.dumps(bench(impl, a.batch, a.size, a.repeats)), flush=True)

@@ -1,0 +1,305 @@
+"""The XLA:CPU fast path: ops of :mod:`histo_jax.models.plain` rewritten for XLA:CPU.
+
+Same signatures and the same numbers as their plain versions: ``tests/test_models.py``
+holds every op here and the MBConv block equal to the plain ones, and the encoder's train
+step on this path equal to the reference structure (one encoder call per input). Nothing
+here changes what the model computes, only how XLA:CPU computes it (``model.impl``:
+'xla_cpu', the default on the CPU backend; 'plain' elsewhere):
+
+* depthwise convolution as k*k shifted slices times per-channel weights (XLA:CPU's grouped
+  convolution is ~6x slower, its gradient ~10x);
+* hand-written backward passes that store less and recompute: BatchNorm (+ SiLU), the 1x1
+  convolution, the depthwise convolution, and the middle of an MBConv block as ONE op
+  (:func:`mbconv_core_train`);
+* scheduling ties (:func:`not_before`) that make XLA:CPU's scheduler run the backward pass
+  block by block instead of keeping every activation alive to its end.
+
+Train-mode BatchNorm statistics are grouped as in :mod:`histo_jax.models.plain` (``groups``:
+the batch is (B, G) flattened, one set of statistics per group). Measured effects of each
+piece: ``benchmarks/README.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from histo_jax.models import plain
+from histo_jax.models.plain import f32, grouped, per_group, stat_axes
+
+
+def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
+    """``v``, made to depend on ``t`` for XLA's scheduler: ``v + 0 * max(t)``.
+
+    XLA:CPU's scheduler otherwise runs the whole input-gradient chain down to the stem first
+    and the parameter gradients (which read the stored activations) last, so that every
+    activation of the step stays alive until the end of the backward pass; tying each ``dx``
+    to its ``dw`` makes the backward go block by block. It also keeps recomputations from
+    being hoisted to the start of the backward. ``0 * v`` is not simplified away for floats
+    (it is NaN for non-finite ``v``). Neither a single element of ``t`` (XLA slices the
+    producer down to it) nor ``sum(t)`` (XLA merges reductions and materialises their
+    products) works, and ``optimization_barrier`` cannot be used: XLA:CPU removes barriers
+    before scheduling.
+    """
+    return v + (jnp.max(t) * 0).astype(v.dtype)
+
+
+# ---- 1x1 convolution ------------------------------------------------------------------------
+
+@jax.custom_vjp
+def pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """:func:`plain.pointwise` with a backward that computes the weight gradient as
+    ``dot_general(x, dy)`` contracting the pixel axis, which XLA:CPU canonicalises by
+    transposing ``x`` (a stored activation: a plain tiled transpose). Autodiff's form
+    transposes ``dy`` instead, and XLA fuses the elementwise ops producing ``dy`` (the
+    BatchNorm backward) into that transpose: a loop with strided reads over the largest
+    tensors of the step, several times slower."""
+    return plain.pointwise(x, w)
+
+
+def _pointwise_fwd(x, w):
+    return plain.pointwise(x, w), (x, w)
+
+
+def pointwise_backward(res, g):
+    """Backward of :func:`pointwise_matmul`: ``res = (x, w)``, returns ``(dx, dw)``."""
+    x, w = res
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    batch_axes = tuple(range(x.ndim - 1))
+    dw = jax.lax.dot_general(x, g, ((batch_axes, batch_axes), ((), ())))
+    dx = not_before(dx, dw)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+pointwise_matmul.defvjp(_pointwise_fwd, pointwise_backward)
+
+
+# ---- Depthwise convolution ------------------------------------------------------------------
+
+def _shift_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int],
+               offset: int = 0) -> jax.Array:
+    """sum_ij xp[:, offset + i :: stride, offset + j :: stride] * kernel[i, j, 0] (out_hw pixels)."""
+    k = kernel.shape[0]
+    n, c = xp.shape[0], xp.shape[-1]
+    ho, wo = out_hw
+    out = None
+    for i in range(k):
+        for j in range(k):
+            a, b = offset + i, offset + j
+            sl = jax.lax.slice(xp, (0, a, b, 0),
+                               (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, c),
+                               (1, stride, stride, 1))
+            term = sl * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def shift_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """:func:`plain.depthwise_conv` as a sum of k*k shifted, strided slices."""
+    k = kernel.shape[0]
+    p = (k - 1) // 2
+    _, h, w, _ = x.shape
+    ho = (h + 2 * p - k) // stride + 1
+    wo = (w + 2 * p - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return _shift_sum(xp, kernel, stride, (ho, wo))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """:func:`plain.depthwise_conv` as a shift-and-add, with a written-out backward: the
+    input gradient is the same shift-and-add over the zero-dilated output gradient with the
+    flipped kernel (one fused loop), the kernel gradient k*k multiply-reductions; only ``x``
+    and the kernel are kept for the backward."""
+    return shift_forward(x, kernel, stride)
+
+
+def _shift_fwd(x, kernel, stride):
+    return shift_forward(x, kernel, stride), (x, kernel)
+
+
+def shift_backward(stride, res, g):
+    """Backward of :func:`depthwise_shift`: ``res = (x, kernel)``, returns ``(dx, dkernel)``."""
+    x, kernel = res
+    k = kernel.shape[0]
+    p = (k - 1) // 2
+    n, h, w, c = x.shape
+    ho, wo = g.shape[1:3]
+    # d x: full correlation of the stride-dilated gradient with the flipped kernel.
+    gd = jax.lax.pad(g, jnp.zeros((), g.dtype),
+                     ((0, 0, 0), (k - 1, h + 2 * p - stride * (ho - 1) - 1, stride - 1),
+                      (k - 1, w + 2 * p - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
+    dx = _shift_sum(gd, kernel[::-1, ::-1], 1, (h, w), offset=p)
+    # d kernel: per tap, the sum over batch and pixels of the shifted input times the gradient.
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    gf = g.astype(f32)
+    taps = []
+    for i in range(k):
+        for j in range(k):
+            sl = jax.lax.slice(xp, (0, i, j, 0),
+                               (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                               (1, stride, stride, 1))
+            taps.append(jnp.sum(sl.astype(f32) * gf, axis=(0, 1, 2)))
+    dk = jnp.stack(taps).reshape(k, k, 1, c).astype(kernel.dtype)
+    dx = not_before(dx, dk)
+    return dx.astype(x.dtype), dk
+
+
+depthwise_shift.defvjp(_shift_fwd, shift_backward)
+
+
+# ---- Train-mode BatchNorm (+ SiLU) ----------------------------------------------------------
+
+def bn_act_forward(x, scale, bias, eps, act, groups):
+    """:func:`plain.batch_norm_train`, also returning ``rstd``: ``(out, (mean, var, rstd))``."""
+    mean, var = plain.batch_stats(x, groups)
+    rstd = jax.lax.rsqrt(var + eps)
+    xg = grouped(x.astype(f32), groups)
+    y = ((xg - per_group(mean, xg.ndim)) * per_group(scale * rstd, xg.ndim) + bias)
+    y = y.reshape(x.shape)
+    return (jax.nn.silu(y) if act else y), (mean, var, rstd)
+
+
+def bn_act_recompute(x, mean, rstd, scale, bias, act, groups):
+    """The output of :func:`bn_act_forward` again, from its saved input and statistics, for a
+    backward pass that keeps only ``x``. Written as ``x * a + b``: a form XLA cannot CSE with
+    the forward's ``(x - mean) * a + bias`` (which would keep the forward output alive)."""
+    a = scale * rstd                                                      # (G, C)
+    xg = grouped(x.astype(f32), groups)
+    y = (xg * per_group(a, xg.ndim) + per_group(bias - mean * a, xg.ndim)).reshape(x.shape)
+    return jax.nn.silu(y) if act else y
+
+
+def bn_act_backward(act, groups, res, g):
+    """Backward of train-mode BatchNorm (+ SiLU): ``res = (x, mean, rstd, scale, bias)``
+    (statistics (G, C)), returns ``(dx, dscale, dbias)``."""
+    x, mean, rstd, scale, bias = res
+    xg = grouped(x.astype(f32), groups)
+    dy = grouped(g.astype(f32), groups)
+    nd, axes = xg.ndim, stat_axes(xg.ndim)
+    n = xg.size // (xg.shape[1] * xg.shape[-1])                           # values per group
+    m_, r_ = per_group(mean, nd), per_group(rstd, nd)
+    if act:
+        y = (xg - m_) * r_ * scale + bias
+        sig = jax.nn.sigmoid(y)
+        dy = dy * (sig * (1.0 + y * (1.0 - sig)))
+    dbias = jnp.sum(dy, axis=axes)                                        # (G, C)
+    # Written without a shared centred tensor ``x - mean``: XLA would CSE it with the
+    # forward's, keep it as one more stored activation per BatchNorm, and compute it early
+    # (N=1 train step: XLA temp memory 1.67 -> 1.42 GB).
+    dscale = (jnp.sum(dy * xg, axis=axes) - mean * dbias) * rstd
+    k = per_group((dscale / n) * rstd, nd)
+    dx = per_group(scale * rstd, nd) * (dy - per_group(dbias / n, nd) - (xg * k - m_ * k))
+    return dx.reshape(x.shape).astype(x.dtype), jnp.sum(dscale, 0), jnp.sum(dbias, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, act: bool,
+                     groups: int = 1):
+    """:func:`plain.batch_norm_train` with a hand-written backward that saves only ``x`` and
+    per-channel vectors and recomputes the normalised values (as PyTorch's fused kernels
+    do), where autodiff keeps the centred input, the normalised and activated tensors and the
+    sigmoid. No gradient flows into the returned statistics (they feed running averages)."""
+    out, (mean, var, _) = bn_act_forward(x, scale, bias, eps, act, groups)
+    return out, (mean, var)
+
+
+def _bn_train_fwd(x, scale, bias, eps, act, groups):
+    out, (mean, var, rstd) = bn_act_forward(x, scale, bias, eps, act, groups)
+    return (out, (mean, var)), (x, mean, rstd, scale, bias)
+
+
+def _bn_train_bwd(eps, act, groups, res, cts):
+    return bn_act_backward(act, groups, res, cts[0])
+
+
+batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+# ---- The middle of an MBConv block as one op ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CoreSpec:
+    """Static arguments of :func:`mbconv_core_train`."""
+    stride: int
+    eps_expand: float
+    eps_dw: float
+    groups: int
+    dtype: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mbconv_core_train(spec: CoreSpec, e, bn_expand, kernel, bn_dw, se, w_project):
+    """Train-mode middle of an MBConv block as one op with a hand-written backward:
+    [BatchNorm+SiLU of the expand conv output ``e``] -> depthwise (shift) -> BatchNorm+SiLU
+    -> squeeze-excitation -> 1x1 project conv. The plain version is the block's module path
+    (``MBConv`` with ``impl='plain'``). Returns the project conv output and the batch
+    statistics ``((mean, var) expand [if any], (mean, var) depthwise)``, (G, C) each, for the
+    running averages (no gradient flows through them).
+
+    Autodiff of the same chain stores every intermediate (the activated expand output, the
+    activated depthwise output and the SE-scaled tensor, the widest tensors of the network).
+    This op stores only ``e`` and the depthwise output before its BatchNorm and recomputes
+    the rest in the backward: about 40 % less activation memory in the train step for a few
+    elementwise passes.
+    """
+    return _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project)[0]
+
+
+def _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project):
+    dt, g = spec.dtype, spec.groups
+    stats, saved = [], []
+    a1 = e
+    if bn_expand is not None:
+        a1, (mean, var, rstd) = bn_act_forward(e, *bn_expand, spec.eps_expand, True, g)
+        a1 = a1.astype(dt)
+        stats.append((mean, var))
+        saved.append((mean, rstd))
+    d = shift_forward(a1, kernel.astype(dt), spec.stride)
+    a2, (mean, var, rstd) = bn_act_forward(d, *bn_dw, spec.eps_dw, True, g)
+    a2 = a2.astype(dt)
+    stats.append((mean, var))
+    pooled = plain.global_pool(a2)
+    gate = plain.se_gate(se, pooled, dt)
+    p = jax.lax.dot_general(a2 * gate, w_project.astype(dt), (((3,), (0,)), ((), ())))
+    res = (e, saved, d, (mean, rstd), pooled, gate, bn_expand, kernel, bn_dw, se, w_project)
+    return (p, tuple(stats)), res
+
+
+def _core_bwd(spec, res, cts):
+    g = cts[0]  # the statistics' cotangents are ignored: they feed only running averages
+    e, saved, d, (mean2, rstd2), pooled, gate, bn_expand, kernel, bn_dw, se, w_project = res
+    dt, groups = spec.dtype, spec.groups
+    # Recomputations are made to depend on the incoming gradient (``not_before``) so that
+    # XLA:CPU's scheduler does not hoist them to the start of the backward pass, where they
+    # would all be alive at once.
+    a2 = bn_act_recompute(d, not_before(mean2, g), rstd2, *bn_dw, True, groups).astype(dt)
+    # project: z = a2 * gate, p = z @ w
+    dz, dw_project = pointwise_backward((a2 * gate, w_project.astype(dt)), g)
+    # squeeze-excitation: gate = se_gate(pool(a2)), z = a2 * gate
+    dgate = jnp.sum(dz.astype(f32) * a2.astype(f32), axis=(1, 2), keepdims=True).astype(dt)
+    _, se_vjp = jax.vjp(lambda p, s: plain.se_gate(p, s, dt), se, pooled)
+    dse, dpooled = se_vjp(dgate)
+    hw = a2.shape[1] * a2.shape[2]
+    da2 = dz.astype(f32) * gate.astype(f32) + dpooled.astype(f32) / hw
+    dd, dscale2, dbias2 = bn_act_backward(True, groups, (d, mean2, rstd2, *bn_dw), da2)
+    a1 = e
+    if bn_expand is not None:
+        (mean1, rstd1), = saved
+        a1 = bn_act_recompute(e, not_before(mean1, dbias2), rstd1, *bn_expand, True, groups)
+        a1 = a1.astype(dt)
+    da1, dkernel = shift_backward(spec.stride, (a1, kernel.astype(dt)), dd.astype(dt))
+    if bn_expand is None:
+        de, dbn_expand = da1.astype(e.dtype), None
+    else:
+        de, dscale1, dbias1 = bn_act_backward(True, groups, (e, mean1, rstd1, *bn_expand), da1)
+        de, dbn_expand = de.astype(e.dtype), (dscale1, dbias1)
+    return (de, dbn_expand, dkernel.astype(kernel.dtype), (dscale2, dbias2),
+            tuple(x.astype(p.dtype) for x, p in zip(dse, se)),
+            dw_project.astype(w_project.dtype))
+
+
+mbconv_core_train.defvjp(_core_forward, _core_bwd)
