@@ -72,10 +72,38 @@ def weighted_cross_entropy(logits, labels, class_weights):
     return jnp.sum(w * nll) / jnp.sum(w)
 
 
+def make_grad_fn(graphs: ModelGraphs, class_weights: jax.Array) -> Callable:
+    """Builds ``grad_fn(params, batch_stats, images, labels, dropout_key) -> ((loss, logits,
+    new_batch_stats), grads)``: the train-mode forward on preprocessed images, the weighted
+    cross-entropy and its gradient with respect to ``params``."""
+
+    def grad_fn(params, batch_stats, images, labels, dropout_key):
+        def loss_fn(params):
+            model = nnx.merge(graphs.train, params, batch_stats, copy=True)
+            logits, _ = model(images, rngs=nnx.Rngs(dropout=dropout_key))
+            loss = weighted_cross_entropy(logits, labels, class_weights)
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return (loss, logits, new_stats), grads
+
+    return grad_fn
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any,
+                    batch_stats: Any) -> TrainState:
+    """One optimizer step (the config's clipping, Adam, OneCycle) and the new batch stats."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      batch_stats=batch_stats, opt_state=opt_state)
+
+
 def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
                     aug_cfg: "augment.AugmentConfig | None", normalization: str,
                     class_weights: jax.Array) -> Callable:
-    """Builds ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted)."""
+    """Builds ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted):
+    augmentation, preprocessing, :func:`make_grad_fn`'s gradient, :func:`apply_gradients`."""
+    grad_fn = make_grad_fn(graphs, class_weights)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
@@ -85,24 +113,14 @@ def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
             images = augment.augment_batch(aug_key, images, aug_cfg)
         images = augment.preprocess(images, normalization)
         labels = batch["labels"]
-
-        def loss_fn(params):
-            model = nnx.merge(graphs.train, params, state.batch_stats, copy=True)
-            logits, _ = model(images, rngs=nnx.Rngs(dropout=dropout_key))
-            loss = weighted_cross_entropy(logits, labels, class_weights)
-            return loss, (logits, nnx.state(model, nnx.BatchStat))
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        (loss, logits, batch_stats), grads = grad_fn(state.params, state.batch_stats, images,
+                                                     labels, dropout_key)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": optax.tree_utils.tree_l2_norm(grads),
+            "grad_norm": optax.tree_utils.tree_norm(grads),
         }
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state)
-        return new_state, metrics
+        return apply_gradients(tx, state, grads, batch_stats), metrics
 
     return train_step
 
