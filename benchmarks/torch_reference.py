@@ -2,8 +2,8 @@
 
 Torch-only (no JAX import), so that a benchmark worker measures PyTorch's own memory.
 ``MultiInputModule`` is the reference classifier: torchvision ``efficientnet_b0().features``
-(shared), a shared Linear(1280 -> 128), one ``nn.MultiheadAttention`` per input, shared
-LayerNorms / FFN and the dropout-MLP classifier. ``make_train_step`` is the reference
+(shared, called once per input), a shared Linear(1280 -> 128), one ``nn.MultiheadAttention``
+per input, shared LayerNorms / FFN and the dropout-MLP classifier. ``make_train_step`` is the reference
 optimisation step: weighted cross-entropy, backward, ``clip_grad_norm_(1.0)``, Adam,
 ``OneCycleLR`` stepped per batch.
 
@@ -50,9 +50,11 @@ class MultiInputModule(nn.Module):
                                         nn.Linear(embed, num_classes))
 
     def forward(self, x):  # x: (B, N, 3, H, W)
-        b, n = x.shape[:2]
-        feats = self.pool(self.feature_extractor(x.flatten(0, 1))).flatten(1)
-        tokens = self.proj(feats).view(b, n, -1)
+        # The shared backbone runs once per input, in input order, as in the original: in
+        # training every BatchNorm normalises input i with its own batch statistics and
+        # updates its running averages N times per step (SPEC section 3).
+        feats = [self.pool(self.feature_extractor(x[:, i])).flatten(1) for i in range(x.shape[1])]
+        tokens = self.proj(torch.stack(feats, dim=1))                     # (B, N, E)
         fused, attn = [], []
         for i, mha in enumerate(self.attention_layers):
             q = tokens[:, i:i + 1]
@@ -65,8 +67,12 @@ class MultiInputModule(nn.Module):
 
 
 def make_train_step(model: nn.Module, class_weights: torch.Tensor, total_steps: int,
-                    max_lr: float = 3e-4, clip: float = 1.0):
-    """The reference training step as a closure ``step(images, labels) -> loss``."""
+                    max_lr: float = 3e-4, clip: float = 1.0, on_step=None):
+    """The reference training step as a closure ``step(images, labels) -> loss``.
+
+    ``on_step(logits, loss)``, if given, is called after the backward pass and before
+    clipping (the parameters' ``.grad`` then hold the raw gradients).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=max_lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights)
@@ -77,6 +83,8 @@ def make_train_step(model: nn.Module, class_weights: torch.Tensor, total_steps: 
         logits, _ = model(images)
         loss = loss_fn(logits, labels)
         loss.backward()
+        if on_step is not None:
+            on_step(logits.detach(), loss.detach())
         nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
