@@ -9,8 +9,8 @@ reference configuration in four documented ways: 96 px inputs, the 'tiny' encode
 light dropout (0.1, no stochastic depth), and geometric augmentation only (flips,
 rotation, blur: the reference's strong colour jitter and erasing, meant for an
 ImageNet-pretrained encoder, stop a small from-scratch model from learning in this
-budget). Sampling, weighted loss, OneCycle Adam, early stopping, checkpoints, metrics
-and plots are the reference procedure.
+budget). Sampling, weighted loss, OneCycle Adam, per-input BatchNorm statistics (model.bn_stats),
+early stopping, checkpoints, metrics and plots are the reference procedure.
 """
 
 from histo_jax.config import get_base_config

@@ -5,6 +5,11 @@ Run (on your data; without --config.data.dir the demo dataset is used):
     python main.py --config=configs/four_scale.py --config.data.dir=/path/to/data \
         --workdir=runs/four_scale
 Override any field, e.g. --config.run=3 --config.num_epochs=50 --config.model.pretrained=imagenet
+
+Training normalises each input scale with its own BatchNorm batch statistics and updates
+the running averages once per input (model.bn_stats='per_input', the default): the original
+calls its shared encoder once per input. --config.model.bn_stats=joint pools all scales'
+statistics instead, a deviation from the reference.
 """
 
 from histo_jax.config import get_base_config
