@@ -60,6 +60,7 @@ NOT_IN_IDENTITY = {
     "grid.runs": "the grid's extent (idem)",
 }
 
+
 class WorkdirError(Exception):
     """A workdir problem the user has to act on; ``main.py`` prints it without a traceback."""
 
@@ -171,7 +172,9 @@ def read_identity(workdir: str) -> RunIdentity | None:
             d = json.load(f)
         if d.get("format") != IDENTITY_FORMAT:
             raise ValueError(f"format {d.get('format')!r}, this histo_jax reads {IDENTITY_FORMAT}")
-        identity = RunIdentity(dict(d["fields"]), str(d["data_fingerprint"]))
+        # Fields excluded since the run started are ignored (they change no number).
+        fields = {k: v for k, v in dict(d["fields"]).items() if k not in NOT_IN_IDENTITY}
+        identity = RunIdentity(fields, str(d["data_fingerprint"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise WorkdirError(
             f"{path} cannot be read ({type(e).__name__}: {e}), so the run in {workdir} cannot be "
