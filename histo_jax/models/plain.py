@@ -53,30 +53,36 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 # ---- BatchNorm ------------------------------------------------------------------------------
 
-def grouped(x: jax.Array, groups: int) -> jax.Array:
-    """(B * G, ..., C) -> (B, G, ..., C): row r of the batch goes to group r % G."""
-    if x.shape[0] % groups:
-        raise ValueError(f"a batch of {x.shape[0]} rows cannot hold {groups} statistics groups "
+def spatial_axes(x: jax.Array) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim - 1))
+
+
+def check_groups(rows: int, groups: int) -> None:
+    if groups < 1 or rows % groups:
+        raise ValueError(f"a batch of {rows} rows cannot hold {groups} statistics groups "
                          "(rows are (B, G) flattened; see histo_jax/models/plain.py).")
-    return x.reshape((x.shape[0] // groups, groups) + x.shape[1:])
 
 
-def per_group(v: jax.Array, ndim: int) -> jax.Array:
-    """Per-group vectors (G, C) shaped to broadcast against a grouped array of rank ``ndim``."""
-    return v.reshape((1, v.shape[0]) + (1,) * (ndim - 3) + v.shape[1:])
+def group_mean(v: jax.Array, groups: int) -> jax.Array:
+    """Per-row values (R, C) -> the mean of each group's rows (G, C); row r is in group r % G."""
+    check_groups(v.shape[0], groups)
+    return jnp.mean(v.reshape(v.shape[0] // groups, groups, v.shape[-1]), axis=0)
 
 
-def stat_axes(ndim: int) -> tuple[int, ...]:
-    """The axes a grouped (B, G, ..., C) array is reduced over: all but G and C."""
-    return (0,) + tuple(range(2, ndim - 1))
+def spread(s: jax.Array, x: jax.Array) -> jax.Array:
+    """Per-group vectors (G, C) -> per-row (R, 1, .., 1, C), to broadcast against ``x``."""
+    rows = jnp.tile(s, (x.shape[0] // s.shape[0], 1))
+    return rows.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
 
 
 def batch_stats(x: jax.Array, groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance of each group and channel, float32, (G, C) each."""
-    xg = grouped(x.astype(f32), groups)
-    axes = stat_axes(xg.ndim)
-    mean = jnp.mean(xg, axis=axes)
-    var = jnp.mean(jnp.square(xg - per_group(mean, xg.ndim)), axis=axes)
+    """Mean and biased variance of each group and channel, float32, (G, C) each.
+
+    Reduced per row first, then over the group's rows (every row has the same number of
+    pixels): the large tensors keep their (R, H, W, C) shape."""
+    xf = x.astype(f32)
+    mean = group_mean(jnp.mean(xf, axis=spatial_axes(x)), groups)
+    var = group_mean(jnp.mean(jnp.square(xf - spread(mean, x)), axis=spatial_axes(x)), groups)
     return mean, var
 
 
@@ -85,9 +91,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
     """Train-mode BatchNorm, then SiLU if ``act``: each group normalised with its own batch
     statistics. Returns the float32 output and the statistics ``(mean, biased var)`` (G, C)."""
     mean, var = batch_stats(x, groups)
-    xg = grouped(x.astype(f32), groups)
     a = scale * jax.lax.rsqrt(var + eps)                                  # (G, C)
-    y = ((xg - per_group(mean, xg.ndim)) * per_group(a, xg.ndim) + bias).reshape(x.shape)
+    y = (x.astype(f32) - spread(mean, x)) * spread(a, x) + bias
     return (jax.nn.silu(y) if act else y), (mean, var)
 
 
