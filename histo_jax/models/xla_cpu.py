@@ -15,7 +15,7 @@ here changes what the model computes, only how XLA:CPU computes it (``model.impl
   block by block instead of keeping every activation alive to its end.
 
 Train-mode BatchNorm statistics are grouped as in :mod:`histo_jax.models.plain` (``groups``:
-the batch is (B, G) flattened, one set of statistics per group). Measured effects of each
+the batch is G consecutive blocks of rows, one set of statistics per block). Measured effects of each
 piece: ``benchmarks/README.md``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from histo_jax.models import plain
-from histo_jax.models.plain import f32, spread
+from histo_jax.models.plain import f32, group_sum, spread
 
 
 def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
@@ -153,33 +153,9 @@ depthwise_shift.defvjp(_shift_fwd, shift_backward)
 
 # ---- Train-mode BatchNorm (+ SiLU) ----------------------------------------------------------
 
-def group_sum(t: jax.Array, groups: int) -> jax.Array:
-    """Sum of each group's rows over all but the channel axis: (R, ..., C) -> (G, C).
-
-    As G masked reductions over the whole tensor, which XLA:CPU fuses like the ungrouped
-    one. Per-row partial sums (as in :func:`plain.batch_stats`) made it keep one more
-    activation-sized tensor per BatchNorm alive: N=4 train step, XLA temp memory 3.63 GB
-    against 3.18 GB this way (3.13 GB with pooled statistics)."""
-    plain.check_groups(t.shape[0], groups)
-    axes = tuple(range(t.ndim - 1))
-    if groups == 1:
-        return jnp.sum(t, axis=axes)[None]
-    row = jax.lax.broadcasted_iota(jnp.int32, (t.shape[0],) + (1,) * (t.ndim - 1), 0) % groups
-    return jnp.stack([jnp.sum(jnp.where(row == g, t, 0.0), axis=axes) for g in range(groups)])
-
-
-def batch_stats(x, groups):
-    """:func:`plain.batch_stats` with :func:`group_sum`."""
-    xf = x.astype(f32)
-    n = x.size // (groups * x.shape[-1])
-    mean = group_sum(xf, groups) / n
-    var = group_sum(jnp.square(xf - spread(mean, x)), groups) / n
-    return mean, var
-
-
 def bn_act_forward(x, scale, bias, eps, act, groups):
     """:func:`plain.batch_norm_train`, also returning ``rstd``: ``(out, (mean, var, rstd))``."""
-    mean, var = batch_stats(x, groups)
+    mean, var = plain.batch_stats(x, groups)
     rstd = jax.lax.rsqrt(var + eps)
     y = (x.astype(f32) - spread(mean, x)) * spread(scale * rstd, x) + bias
     return (jax.nn.silu(y) if act else y), (mean, var, rstd)
