@@ -216,31 +216,31 @@ def test_batchnorm_follows_pytorch_train_semantics():
 
 @pytest.mark.parametrize("impl", ["plain", "xla_cpu"])
 def test_grouped_batchnorm_is_one_pytorch_call_per_group(impl):
-    """stat_groups=G on a batch of G blocks == G sequential PyTorch BatchNorm calls, one per
-    block in order: outputs normalised per block, running averages updated G times (unbiased
-    variance), so the last block weighs most."""
+    """stat_groups=G on a (B, G)-flattened batch == G sequential PyTorch BatchNorm calls, one
+    per group in group order: outputs normalised per group, running averages updated G times
+    (unbiased variance), so the last group weighs most."""
     rng = np.random.default_rng(5)
     b, g, c = 3, 4, 6
-    x = (rng.standard_normal((g, b, 5, 5, c)) * rng.uniform(0.5, 3, (g, 1, 1, 1, 1))
-         + rng.uniform(-2, 2, (g, 1, 1, 1, 1))).astype(np.float32)   # groups differ on purpose
+    x = (rng.standard_normal((b, g, 5, 5, c)) * rng.uniform(0.5, 3, (1, g, 1, 1, 1))
+         + rng.uniform(-2, 2, (1, g, 1, 1, 1))).astype(np.float32)   # groups differ on purpose
     bn = _bn_with_random_affine(rng, c)
     bn.impl = impl
     bn.mean[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
     mean0, var0 = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
-    y = np.asarray(bn(jnp.asarray(x.reshape(g * b, 5, 5, c)), act=True, stat_groups=g))
-    y = y.reshape(g, b, 5, 5, c)
+    y = np.asarray(bn(jnp.asarray(x.reshape(b * g, 5, 5, c)), act=True, stat_groups=g))
+    y = y.reshape(b, g, 5, 5, c)
     run_mean, run_var = mean0.copy(), var0.copy()
     scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
     for i in range(g):  # what the reference's per-input encoder calls do
-        xi = x[i].reshape(-1, c)
-        z = (x[i] - xi.mean(0)) / np.sqrt(xi.var(0) + 1e-5) * scale + bias
-        np.testing.assert_allclose(y[i], z / (1 + np.exp(-z)), rtol=1e-4, atol=1e-5)
+        xi = x[:, i].reshape(-1, c)
+        z = (x[:, i] - xi.mean(0)) / np.sqrt(xi.var(0) + 1e-5) * scale + bias
+        np.testing.assert_allclose(y[:, i], z / (1 + np.exp(-z)), rtol=1e-4, atol=1e-5)
         run_mean = 0.9 * run_mean + 0.1 * xi.mean(0)
         run_var = 0.9 * run_var + 0.1 * xi.var(0, ddof=1)
     np.testing.assert_allclose(np.asarray(bn.mean[...]), run_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(bn.var[...]), run_var, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot hold 5 statistics groups"):
-        bn(jnp.asarray(x.reshape(g * b, 5, 5, c)), stat_groups=5)
+        bn(jnp.asarray(x.reshape(b * g, 5, 5, c)), stat_groups=5)
 
 
 @pytest.mark.parametrize("act,groups", [(False, 1), (True, 1), (True, 3)])
@@ -351,9 +351,8 @@ def test_per_input_statistics_equal_one_encoder_call_per_input(impl, remat):
         e = nnx.merge(graph, params, stats, copy=True)
         if per_input_calls:
             feats = jnp.stack([e(x[:, i]) for i in range(n)], axis=1)
-        else:  # input-major, as the classifier folds its inputs
-            crops = jnp.swapaxes(x, 0, 1).reshape((n * b,) + x.shape[2:])
-            feats = jnp.swapaxes(e(crops, stat_groups=n).reshape(n, b, -1), 0, 1)
+        else:  # b-major, as the classifier folds its inputs
+            feats = e(x.reshape((b * n,) + x.shape[2:]), stat_groups=n).reshape(b, n, -1)
         return jnp.sum(feats[..., :8] * weight), (feats, nnx.state(e, nnx.BatchStat))
 
     with_grads = impl == "xla_cpu"

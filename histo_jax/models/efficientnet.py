@@ -181,8 +181,8 @@ class EfficientNet(nnx.Module):
                  stat_groups: int = 1) -> list[jax.Array]:
         """Feature maps after the stem, after each stage, and after the head (9 maps).
 
-        ``stat_groups`` (train mode): the batch is G consecutive blocks of rows and every
-        BatchNorm normalises each block with its own statistics (see
+        ``stat_groups`` (train mode): the batch is (B, G) flattened and every BatchNorm
+        normalises each of the G groups (rows r % G) with its own statistics (see
         :mod:`histo_jax.models.plain`); 1 pools the whole batch.
 
         With ``remat`` (train mode only) each MBConv block is rematerialised in the backward

@@ -2,7 +2,7 @@
 
 Reimplements the reference ``MultiInputModule`` (SPEC section 3) with PyTorch semantics:
 
-* the encoder runs ONCE over all N * B crops (inputs folded into the batch axis, input-major).
+* the encoder runs ONCE over all B * N crops (inputs folded into the batch axis, b-major).
   In training its BatchNorms normalise each input with that input's own statistics and
   update their running averages once per input, input 0 first (``bn_stats='per_input'``,
   the reference, which calls its encoder once per input), or pool all crops
@@ -129,12 +129,10 @@ class MultiInputClassifier(nnx.Module):
             raise ValueError(f"MultiInputClassifier was built for {self.num_inputs} inputs but "
                              f"got images with N = {n} (shape {tuple(images.shape)}).")
         layers.check_rngs(self, rngs, "MultiInputClassifier")
-        # Input-major: input i's B crops are rows [i * B, (i + 1) * B) of the encoder batch.
-        crops = jnp.swapaxes(images, 0, 1).reshape((n * b,) + images.shape[2:])
         groups = n if self.bn_stats == "per_input" else 1
-        feats = self.encoder(crops, rngs, stat_groups=groups)                   # (N*B, F)
-        feats = jnp.swapaxes(feats.reshape(n, b, -1), 0, 1)                      # (B, N, F)
-        tokens = self.proj(feats.astype(self.dtype))                            # (B, N, E)
+        feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs,
+                             stat_groups=groups)                                  # (B*N, F)
+        tokens = self.proj(feats.astype(self.dtype)).reshape(b, n, -1)          # (B, N, E)
         fused, attn = [], []
         for i, mha in enumerate(self.attention):
             q = tokens[:, i:i + 1]

@@ -11,8 +11,8 @@ model computes, change it here (and its fast twin, or run with ``model.impl='pla
 Layout: NHWC activations, HWIO kernels (depthwise kernels (k, k, 1, C)).
 
 **Grouped BatchNorm statistics.** A train-mode BatchNorm can normalise G groups of one
-batch separately (``stat_groups``). The batch is G consecutive blocks of B rows: (G, B)
-flattened, group-major. The classifier folds its N input scales into the batch this way and,
+batch separately (``stat_groups``). The batch is (B, G) flattened row-major: row r belongs
+to group r % G. The classifier folds its N input scales into the batch this way and,
 like the reference (which calls its encoder once per input), normalises each scale with its
 own statistics (G = N); the running averages then take N updates, group 0 first. G = 1 is
 ordinary BatchNorm.
@@ -56,24 +56,25 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 def check_groups(rows: int, groups: int) -> None:
     if groups < 1 or rows % groups:
         raise ValueError(f"a batch of {rows} rows cannot hold {groups} statistics groups "
-                         "(rows are (G, B) flattened; see histo_jax/models/plain.py).")
+                         "(rows are (B, G) flattened; see histo_jax/models/plain.py).")
 
 
 def group_sum(t: jax.Array, groups: int) -> jax.Array:
-    """Sum of each group's block of rows over all but the channel axis: (G * B, ..., C) ->
-    (G, C). One reduction per block, so that the activations keep their shape (XLA:CPU
-    handles reshaped views of them far worse: 1.8x the memory, 2-3x the time of a step)."""
+    """Sum of each group's rows over all but the channel axis: (B * G, ..., C) -> (G, C).
+
+    One reduction per group over its rows ``t[g::G]`` (each row contiguous), so that the
+    activations keep their shape: XLA:CPU handles reshaped (B, G, ...) views of them far
+    worse (1.8x the memory and 2-3x the time of the N=4 train step)."""
     check_groups(t.shape[0], groups)
     axes = tuple(range(t.ndim - 1))
-    b = t.shape[0] // groups
-    return jnp.stack([jnp.sum(t[g * b:(g + 1) * b], axis=axes) for g in range(groups)])
+    return jnp.stack([jnp.sum(t[g::groups], axis=axes) for g in range(groups)])
 
 
 def spread(s: jax.Array, x: jax.Array) -> jax.Array:
     """Per-group vectors (G, C) shaped to broadcast against the rows of ``x``."""
     if s.shape[0] == 1:
         return s.reshape((1,) * (x.ndim - 1) + s.shape[1:])
-    rows = jnp.repeat(s, x.shape[0] // s.shape[0], axis=0)
+    rows = jnp.tile(s, (x.shape[0] // s.shape[0], 1))
     return rows.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + s.shape[1:])
 
 
@@ -119,10 +120,10 @@ def global_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x.astype(f32), axis=(1, 2), keepdims=True).astype(x.dtype)
 
 
-def se_gate(params: tuple, pooled: jax.Array, dtype: Any) -> jax.Array:
+def se_gate(params: tuple, pooled: jax.Array, dtype: Any, matmul=pointwise) -> jax.Array:
     """Squeeze-excitation gate from pooled features (B, 1, 1, C): 1x1 conv (bias) -> SiLU ->
     1x1 conv (bias) -> sigmoid. ``params`` = (reduce kernel, reduce bias, expand kernel,
-    expand bias), kernels HWIO (1, 1, in, out)."""
+    expand bias), kernels HWIO (1, 1, in, out); ``matmul``: a :func:`pointwise` twin."""
     k1, b1, k2, b2 = (p.astype(dtype) for p in params)
-    h = jax.nn.silu(pointwise(pooled, k1[0, 0]) + b1)
-    return jax.nn.sigmoid(pointwise(h, k2[0, 0]) + b2)
+    h = jax.nn.silu(matmul(pooled, k1[0, 0]) + b1)
+    return jax.nn.sigmoid(matmul(h, k2[0, 0]) + b2)

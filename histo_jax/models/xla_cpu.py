@@ -15,7 +15,7 @@ here changes what the model computes, only how XLA:CPU computes it (``model.impl
   block by block instead of keeping every activation alive to its end.
 
 Train-mode BatchNorm statistics are grouped as in :mod:`histo_jax.models.plain` (``groups``:
-the batch is G consecutive blocks of rows, one set of statistics per block). Measured effects of each
+the batch is (B, G) flattened, one set of statistics per group). Measured effects of each
 piece: ``benchmarks/README.md``.
 """
 from __future__ import annotations
@@ -258,7 +258,7 @@ def _core_forward(spec, e, bn_expand, kernel, bn_dw, se, w_project):
     a2 = a2.astype(dt)
     stats.append((mean, var))
     pooled = plain.global_pool(a2)
-    gate = plain.se_gate(se, pooled, dt)
+    gate = plain.se_gate(se, pooled, dt, pointwise_matmul)
     p = jax.lax.dot_general(a2 * gate, w_project.astype(dt), (((3,), (0,)), ((), ())))
     res = (e, saved, d, (mean, rstd), pooled, gate, bn_expand, kernel, bn_dw, se, w_project)
     return (p, tuple(stats)), res
@@ -276,7 +276,7 @@ def _core_bwd(spec, res, cts):
     dz, dw_project = pointwise_backward((a2 * gate, w_project.astype(dt)), g)
     # squeeze-excitation: gate = se_gate(pool(a2)), z = a2 * gate
     dgate = jnp.sum(dz.astype(f32) * a2.astype(f32), axis=(1, 2), keepdims=True).astype(dt)
-    _, se_vjp = jax.vjp(lambda p, s: plain.se_gate(p, s, dt), se, pooled)
+    _, se_vjp = jax.vjp(lambda p, s: plain.se_gate(p, s, dt, pointwise_matmul), se, pooled)
     dse, dpooled = se_vjp(dgate)
     hw = a2.shape[1] * a2.shape[2]
     da2 = dz.astype(f32) * gate.astype(f32) + dpooled.astype(f32) / hw
