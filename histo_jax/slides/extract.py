@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -322,8 +323,6 @@ def _write_tables(out_dir: str, cfg: ExtractConfig, rows_by_slide: dict[str, lis
     if not rows:
         return
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    import io  # noqa: PLC0415
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()

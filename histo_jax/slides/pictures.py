@@ -2,6 +2,7 @@
 per-scale attention maps (matplotlib, as ``histo_jax/plots.py``)."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -58,8 +59,6 @@ def locations_thumbnail(path: str, overview: np.ndarray, slide_size: tuple[int, 
     draw.text((4, 2), title, fill="black")
     draw.text((4, 14), f"green: tissue; squares: {fov_px} px fields (red 1, blue 0, orange "
               "unlabelled); dark red: annotations", fill="black")
-    import os  # noqa: PLC0415
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path
