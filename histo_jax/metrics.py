@@ -10,6 +10,15 @@ import time
 import numpy as np
 from sklearn import metrics as skm
 
+# Imported here, at import time in the main thread, not when a writer is made: while another
+# thread (Orbax, Grain, TFDS) is inside etils' `epy.lazy_imports()`, which patches the global
+# `__import__`, an import made in this thread returns an unresolved LazyModule (seen once as
+# "'LazyModule' object is not callable" on a resume).
+try:
+    from tensorboardX import SummaryWriter
+except ImportError:  # TensorBoard files are optional; the JSON lines are not.
+    SummaryWriter = None
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
@@ -50,11 +59,8 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        try:
-            from tensorboardX import SummaryWriter
+        if SummaryWriter is not None:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # TensorBoard files are optional; the JSON lines are not.
-            self._tb = None
 
     def write(self, step: int, scalars: dict, **fields) -> None:
         if not self.enabled:
