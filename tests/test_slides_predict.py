@@ -101,3 +101,34 @@ def test_predict_slides_command_line(trained_run, slides, tmp_path):
     assert proc.returncode == 1, text  # one bad slide: reported, non-zero exit, no traceback
     assert "Traceback" not in text and "bad.tiff: unreadable or truncated TIFF" in text
     assert "A: " in proc.stdout and os.path.getsize(os.path.join(out, "A", "heatmap.png")) > 5000
+
+
+def test_predict_slides_with_an_original_project_checkpoint(slides, tmp_path):
+    """``--pytorch=CKPT`` (an original-project checkpoint, full B0) works with ``--slides``:
+    the scales are the reference's first N, images in [0, 1], and each location's
+    probabilities are the model's on that location's fields read from the slide."""
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from histo_jax.config import get_base_config
+    from histo_jax.models import build_model, convert
+
+    src = build_model(get_base_config().model, 2, nnx.Rngs(params=5))
+    path = str(tmp_path / "multi_input_model.safetensors")
+    save_file(convert.export_state_dict(src, "reference"), path)
+    del src
+    config, model = predict.load_pytorch_run(path, image_size=32)
+    out = str(tmp_path / "pt")
+    summary = slides_predict.predict_slides(config, model, [str(slides / "A.tiff")], out,
+                                            stride=1024, progress=False, pictures_too=False)
+    assert summary["scales"] == ["high_mag_1024", "high_mag_2048"] and not summary["failures"]
+    rows = _rows(os.path.join(out, "A", "predictions.csv"))
+    assert len(rows) == summary["slides"][0]["locations"] >= 2
+    from histo_jax.slides.reader import open_slide
+    model.eval()
+    with open_slide(str(slides / "A.tiff")) as s:
+        crops = np.stack([[s.read_field(int(r["x"]), int(r["y"]), f, 32) for f in (1024, 2048)]
+                          for r in rows[:2]])
+    logits, _ = nnx.jit(lambda m, x: m(x))(model, crops.astype(np.float32) / 255.0)
+    p = np.exp(np.asarray(logits, np.float64))
+    np.testing.assert_allclose([float(r["prob_tumour"]) for r in rows[:2]], p[:, 1] / p.sum(1), atol=1e-5)
