@@ -134,6 +134,16 @@ def _type_handlers():
         (np.ndarray, th.NumpyHandler()), (jax.Array, th.ArrayHandler(use_replica_parallel=False)))
 
 
+def _host_copies(tree: Any) -> Any:
+    """``tree`` with its fully replicated ``jax.Array`` leaves as numpy copies (the trainer's
+    state is replicated): Orbax's numpy handler writes them from process 0 in about half the
+    time of its per-array ``jax.Array`` path (0.2 s against 0.5 s for the tiny model's 402
+    arrays). Restores with a target give ``jax.Array`` leaves with the target's shardings
+    either way; other leaves are saved as they are."""
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_replicated else x, tree)
+
+
 def _manager(path: str, keep: int, arrays: str, *, data_iter: bool = False,
              read_only: bool = False) -> ocp.CheckpointManager:
     """A manager of steps holding the pytree item ``arrays``, ``meta`` (JSON) and, with
@@ -186,7 +196,7 @@ class Checkpoints:
 
     def save_latest(self, step: int, state: Any, data_iter: Any, loop: LoopState) -> None:
         self._save(self.latest, step, ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state),
+            state=ocp.args.PyTreeSave(_host_copies(state)),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(loop.to_json())), "training state")
 
@@ -241,7 +251,7 @@ class Checkpoints:
 
     def save_best(self, step: int, weights: Any, meta: dict) -> None:
         self._save(self.best, step, ocp.args.Composite(
-            weights=ocp.args.PyTreeSave(weights), meta=ocp.args.JsonSave(meta)), "best-weights")
+            weights=ocp.args.PyTreeSave(_host_copies(weights)), meta=ocp.args.JsonSave(meta)), "best-weights")
 
     def restore_best(self, target_weights: Any | None = None):
         """Returns ``(weights, meta)`` of the best checkpoint, or ``None`` when there is none."""

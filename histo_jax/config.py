@@ -44,6 +44,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.progress = True                   # tqdm bars with samples/s and ETA
     c.compilation_cache_dir = "auto"    # 'auto': <histo_jax cache>/jax_compilation_cache; '' disables
+    # XLA:CPU only: schedule the train and eval steps for low peak memory (full-size B0 at 4
+    # inputs: see benchmarks/README.md). Off: compiles faster, same numbers, more memory.
+    c.xla_cpu_memory_scheduler = True
 
     # Experiment grid (configs/grid.py): empty tuples = a single run of the fields above.
     c.grid = ml_collections.ConfigDict()

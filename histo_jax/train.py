@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import functools
 import logging
 import math
 import os
@@ -291,16 +292,20 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
     graphs, params, batch_stats = steps.split_model(model)
     tx = optim.make_optimizer(config.optimizer, total_steps)
     repl = parallel.replicated(mesh)
-    state = jax.device_put(steps.init_train_state(params, batch_stats, tx), repl)
+    # One compiled program for the optimizer state: op by op, each zeros_like of a new
+    # shape is its own small compile (2 s for the tiny model).
+    state = jax.jit(functools.partial(steps.init_train_state, tx=tx), out_shardings=repl)(
+        *jax.device_put((params, batch_stats), repl))
     aug_cfg = augment.AugmentConfig.from_config(data_cfg, n_in) if data_cfg.augment else None
     cw = jnp.asarray(weights if config.class_weighted_loss else np.ones_like(weights))
+    copts = steps.compiler_options(memory_scheduler=config.xla_cpu_memory_scheduler)
     train_step = jax.jit(
         steps.make_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw),
         in_shardings=(repl, parallel.batch_sharding(mesh), repl), out_shardings=(repl, repl),
-        donate_argnums=0, compiler_options=steps.compiler_options())
+        donate_argnums=0, compiler_options=copts)
     eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization),
                         in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
-                        compiler_options=steps.compiler_options())
+                        compiler_options=copts)
     base_key = jax.device_put(jax.random.PRNGKey(config.seed), repl)
     lr_schedule, _ = optim.make_schedules(config.optimizer, total_steps)
 

@@ -50,6 +50,7 @@ NOT_IN_IDENTITY = {
     "progress": "progress bars",
     "log_every_steps": "how often training scalars are logged",
     "compilation_cache_dir": "where compiled programs are cached",
+    "xla_cpu_memory_scheduler": "the order XLA:CPU runs a step's operations in (peak memory)",
     "checkpoint_every_steps": "when the latest state is saved (resuming is exact)",
     "keep_checkpoints": "how many latest states are kept",
     "data.num_workers": "loader worker processes (the batches do not depend on them)",

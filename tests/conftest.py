@@ -4,7 +4,13 @@ import os
 # Must be set before JAX initialises its backends.
 _xla_flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _xla_flags:
-    os.environ["XLA_FLAGS"] = (_xla_flags + " --xla_force_host_platform_device_count=4").strip()
+    _xla_flags += " --xla_force_host_platform_device_count=4"
+# The suite compiles many small programs and runs each a few times: LLVM optimisation level 0
+# takes ~35% off every XLA:CPU compile (same arithmetic: fast-math is off at every level).
+# Subprocesses of the tests inherit it, so runs compared with each other compile alike.
+if "xla_backend_optimization_level" not in _xla_flags:
+    _xla_flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _xla_flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

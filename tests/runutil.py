@@ -18,6 +18,7 @@ def tiny_config(data_dir: str, prepared_dir: str, cache_dir: str = ""):
     c.checkpoint_every_steps = 2
     c.progress = False
     c.compilation_cache_dir = cache_dir
+    c.xla_cpu_memory_scheduler = False  # a tiny model: the faster compile
     return c
 
 
@@ -28,4 +29,5 @@ def cli_flags(c) -> list[str]:
             "--config.model.variant=tiny", "--config.model.pretrained=none",
             "--config.num_inputs=2", "--config.batch_size=8", "--config.eval_batch_size=8",
             "--config.num_epochs=4", "--config.checkpoint_every_steps=2", "--config.progress=False",
-            f"--config.compilation_cache_dir={c.compilation_cache_dir}"]
+            f"--config.compilation_cache_dir={c.compilation_cache_dir}",
+            "--config.xla_cpu_memory_scheduler=False"]

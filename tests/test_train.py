@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -120,8 +121,7 @@ def test_finished_run_is_refused_for_another_model_or_data_but_not_a_moved_folde
 
 
 def _env(**extra):
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                JAX_PLATFORMS="cpu", **extra)
+    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)  # XLA_FLAGS of tests/conftest.py
 
 
 def test_cli_refuses_another_config_with_the_differences_and_no_traceback(trained_run):
@@ -357,9 +357,10 @@ def test_two_processes_on_loopback_match_one_process(trained_run, tmp_path):
         port = s.getsockname()[1]
     c = trained_run["config"]
     workdir = str(tmp_path / "two_procs")
+    two_devices = re.sub(r"(xla_force_host_platform_device_count)=\d+", r"\1=2", os.environ["XLA_FLAGS"])
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=two_devices,
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(
