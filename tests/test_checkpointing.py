@@ -162,3 +162,26 @@ def test_best_steps_after_a_resumed_step_are_dropped(tmp_path):
         ck.save_best(s, weights, {"epoch": s // 3, "val_macro_f1": 0.5})
     ck.drop_best_after(4)
     assert ck.best.all_steps() == [3] and ck.restore_best(weights)[1]["epoch"] == 1
+
+
+def test_replicated_and_sharded_arrays_restore_with_the_target_shardings(tmp_path):
+    """Replicated leaves are written through their numpy copies, a leaf sharded over the 4
+    devices as a jax.Array; a restore with the target gives both back with its shardings."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from histo_jax import parallel
+    mesh = parallel.make_mesh(jax.devices())
+    repl, split = parallel.replicated(mesh), NamedSharding(mesh, P("data"))
+    weights = {"replicated": jax.device_put(jnp.arange(6.0).reshape(2, 3), repl),
+               "step": jax.device_put(jnp.array(5, jnp.int32), repl),
+               "sharded": jax.device_put(jnp.arange(8.0), split)}
+    host = checkpointing._host_copies(weights)
+    assert isinstance(host["replicated"], np.ndarray) and isinstance(host["step"], np.ndarray)
+    assert isinstance(host["sharded"], jax.Array)
+    ck = checkpointing.Checkpoints(str(tmp_path))
+    ck.save_best(1, weights, {})
+    got, _ = ck.restore_best(weights)
+    for name, want in weights.items():
+        assert isinstance(got[name], jax.Array) and got[name].sharding == want.sharding, name
+        assert got[name].dtype == want.dtype, name
+        np.testing.assert_array_equal(got[name], want)
