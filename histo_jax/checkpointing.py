@@ -251,7 +251,8 @@ class Checkpoints:
 
     def save_best(self, step: int, weights: Any, meta: dict) -> None:
         self._save(self.best, step, ocp.args.Composite(
-            weights=ocp.args.PyTreeSave(_host_copies(weights)), meta=ocp.args.JsonSave(meta)), "best-weights")
+            weights=ocp.args.PyTreeSave(_host_copies(weights)), meta=ocp.args.JsonSave(meta)),
+            "best-weights")
 
     def restore_best(self, target_weights: Any | None = None):
         """Returns ``(weights, meta)`` of the best checkpoint, or ``None`` when there is none."""

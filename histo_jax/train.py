@@ -18,8 +18,8 @@ last), ``test_predictions.csv`` and the pictures (``training_curves.png``,
 from __future__ import annotations
 
 import contextlib
-import json
 import functools
+import json
 import logging
 import math
 import os
