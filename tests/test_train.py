@@ -360,9 +360,8 @@ def test_two_processes_on_loopback_match_one_process(trained_run, tmp_path):
     two_devices = re.sub(r"(xla_force_host_platform_device_count)=\d+", r"\1=2", os.environ["XLA_FLAGS"])
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=two_devices,
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(pid))
+        env = _env(XLA_FLAGS=two_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/four_scale.py",
              f"--workdir={workdir}", *cli_flags(c)], env=env, cwd=REPO,
