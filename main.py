@@ -1,4 +1,5 @@
-"""histo_jax entry point: trains one run, or the scales x runs grid when the config asks for it.
+"""histo_jax entry point: trains one run, the scales x runs grid, or the cross-site
+study (train on site A, test on site B: histo_jax/cross_site.py), as the config asks.
 
     python main.py --config=configs/four_scale.py --workdir=runs/four_scale
     python main.py --config=configs/four_scale.py --config.data.dir=/data/thyroid --config.run=2
@@ -23,8 +24,9 @@ if __name__ == "__main__":  # First, before JAX starts threads: see histo_jax/ho
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from histo_jax import grid, parallel, train, workdir as workdir_lib  # noqa: E402
+from histo_jax import cross_site, grid, parallel, train, workdir as workdir_lib  # noqa: E402
 from histo_jax.data.layout import DataValidationError  # noqa: E402
+from histo_jax.stain import StainError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (get_config()).",
@@ -47,11 +49,14 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
     try:
-        if config.grid.num_inputs:
+        if "cross_site" in config:
+            cross_site.run_cross_site(config, workdir, discard_old_run=FLAGS.discard_old_run)
+        elif config.grid.num_inputs:
             grid.run_grid(config, workdir, discard_old_run=FLAGS.discard_old_run)
         else:
             train.train_and_evaluate(config, workdir, discard_old_run=FLAGS.discard_old_run)
-    except (workdir_lib.WorkdirError, train.NonFiniteLossError, DataValidationError) as e:
+    except (workdir_lib.WorkdirError, train.NonFiniteLossError, DataValidationError,
+            StainError) as e:
         # What is wrong, with which file, and what to do: the message says it all.
         print(f"\nhisto_jax: {e}", file=sys.stderr)
         sys.exit(1)

@@ -5,7 +5,9 @@
    - ``pyramid``: each field read from the coarsest level not coarser than F / size, then
      resized (``python -m histo_jax.data extract --size N``);
    - ``naive``: each field read at level 0 (F x F px), then resized (``--no_pyramid``);
-   - ``native``: the default ``--size native``, every field stored at level 0 (F px).
+   - ``native``: the default ``--size native``, every field stored at level 0 (F px);
+   - ``pyramid+macenko`` / ``pyramid+reinhard``: ``pyramid`` with ``--stain`` (a normaliser
+     fitted on the first slide's tissue): every crop normalised (numpy) before it is written.
    Both write the PNGs with the same reader threads; a sample = one location's 4 crops.
    A second pair of lines times the reads alone (no PNG).
 2. Slide prediction (``histo_jax.slides.predict.predict_slides``) with a randomly
@@ -38,6 +40,7 @@ from histo_jax.data.layout import ordered_imap  # noqa: E402
 from histo_jax.slides import extract, synthetic  # noqa: E402
 from histo_jax.slides.locate import fov_pixels, locate  # noqa: E402
 from histo_jax.slides.reader import find_slides, open_slide  # noqa: E402
+from histo_jax.stain import cli as stain_cli, normalize  # noqa: E402
 
 
 def _demo_slides(folder, n):
@@ -50,12 +53,25 @@ def _demo_slides(folder, n):
     return paths
 
 
+def _fit_stains(paths, scratch):
+    """Macenko and Reinhard normalisers fitted on the first slide's tissue (stain fit)."""
+    images, names = stain_cli.reference_images([paths[0]])
+    files = {}
+    for method in ("macenko", "reinhard"):
+        files[method] = os.path.join(scratch, f"stain_{method}.json")
+        normalize.fit(images, method, names=tuple(set(names))).save(files[method])
+    return files
+
+
 def _extraction(paths, args, scratch):
     out = {}
     fovs = extract.ExtractConfig().fovs
-    for method in ("naive", "pyramid", "native"):
+    stains = _fit_stains(paths, scratch)
+    for method in ("naive", "pyramid", "pyramid+macenko", "pyramid+reinhard", "native"):
+        stain = stains.get(method.partition("+")[2])
         cfg = extract.ExtractConfig(size=None if method == "native" else args.size, stride=args.stride,
-                                    border="pad", pyramid=method == "pyramid", workers=args.workers)
+                                    border="pad", pyramid=method.startswith("pyramid"),
+                                    workers=args.workers, stain=stain)
         target = os.path.join(scratch, f"extract_{method}")
         start = time.perf_counter()
         result = extract.extract(paths, target, cfg, progress=False, log=lambda m: None)
@@ -70,7 +86,9 @@ def _extraction(paths, args, scratch):
                           "samples_per_s": round(n / seconds, 2), "png_mb_per_sample": round(disk / n / 1e6, 3),
                           "workers": args.workers}), flush=True)
         shutil.rmtree(target)
-    print(json.dumps({"stage": "extract", "speedup_pyramid_vs_naive": round(out["pyramid"] / out["naive"], 2)}),
+    print(json.dumps({"stage": "extract", "speedup_pyramid_vs_naive": round(out["pyramid"] / out["naive"], 2),
+                      "macenko_vs_plain": round(out["pyramid+macenko"] / out["pyramid"], 3),
+                      "reinhard_vs_plain": round(out["pyramid+reinhard"] / out["pyramid"], 3)}),
           flush=True)
     # Reads alone (what slide prediction does), same locations.
     fovs_px = (256, 512, 1024, 2048)

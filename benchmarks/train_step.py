@@ -8,6 +8,10 @@ and times it, so that every configuration gets its own peak memory:
 * ``train_aug``  the same step with the reference augmentation ON (the trainer's step);
 * ``eval``       ``histo_jax.steps.make_eval_step`` (eval-mode forward).
 
+``--data_set stain_augment.method=hed --ab`` times ``train_aug`` with and without those data
+fields side by side (two alternating JAX workers) and emits their step-time ratio: the cost
+of stain augmentation in the trainer's step.
+
 With ``--torch`` a PyTorch worker (``benchmarks/torch_reference.py``: the original model and
 step: weighted CE, backward, ``clip_grad_norm_(1.0)``, Adam, OneCycleLR; ``--torch_threads``
 threads) runs beside each JAX ``train`` / ``eval`` worker. Both stay alive and their timed
@@ -108,6 +112,13 @@ def jax_worker(a: argparse.Namespace) -> None:
     for kv in filter(None, a.model_set.split(",")):
         k, v = kv.split("=", 1)
         cfg.model[k] = _parse_value(v)
+    for kv in filter(None, a.data_set.split(",")):  # e.g. stain_augment.method=hed
+        k, v = kv.split("=", 1)
+        *path, leaf = k.split(".")
+        node = cfg.data
+        for part in path:
+            node = node[part]
+        node[leaf] = _parse_value(v)
     t0 = time.perf_counter()
     model = build_model(cfg.model, a.n, nnx.Rngs(params=0))
     graphs, params, batch_stats = steps.split_model(model)
@@ -225,13 +236,16 @@ class Worker:
 
     def __init__(self, framework: str, n: int, mode: str, a: argparse.Namespace):
         self.framework = framework
+        # 'jax_data_set': the JAX worker with --data_set; plain 'jax' has it only without --ab.
+        data_set = a.data_set if framework == "jax_data_set" or not a.ab else ""
+        worker = "torch" if framework == "torch" else "jax"
         cmd = [a.torch_python if framework == "torch" else sys.executable, str(pathlib.Path(
-            __file__).resolve()), "--worker", framework, "--n", str(n), "--mode", mode,
+            __file__).resolve()), "--worker", worker, "--n", str(n), "--mode", mode,
             "--batch", str(a.batch), "--size", str(a.size), "--dtype", a.dtype,
-            "--impl", a.impl, "--model_set", a.model_set,
+            "--impl", a.impl, "--model_set", a.model_set, "--data_set", data_set,
             "--torch_threads", str(a.torch_threads), "--compiler_options", a.compiler_options]
         env = dict(os.environ)
-        if framework == "jax" and a.xla_flags is not None:
+        if worker == "jax" and a.xla_flags is not None:
             env["XLA_FLAGS"] = a.xla_flags
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=str(ROOT))
@@ -307,6 +321,12 @@ def main(argv=None) -> None:
                    "auto | plain | xla_cpu")
     p.add_argument("--model_set", default="",
                    help="extra model config fields, 'key=value,...' (e.g. remat=True)")
+    p.add_argument("--data_set", default="",
+                   help="data config fields for the JAX workers, 'key=value,...' (e.g. "
+                        "stain_augment.method=hed); they act in train_aug mode")
+    p.add_argument("--ab", action="store_true",
+                   help="train_aug: time the step with and without --data_set side by side "
+                        "(alternating workers) and emit their ratio (e.g. stain augmentation's cost)")
     p.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX workers")
     p.add_argument("--compiler_options", choices=("histo_jax", "none"), default="histo_jax",
                    help="'histo_jax': steps.compiler_options() (what the trainer should use); "
@@ -339,9 +359,18 @@ def main(argv=None) -> None:
         torch_train = None
         for mode in modes:
             frameworks = ["jax"] + (["torch"] if a.torch and mode != "train_aug" else [])
+            if a.ab and mode == "train_aug":
+                frameworks.append("jax_data_set")
             recs = measure(n, mode, frameworks, a)
             for r in recs.values():
                 _emit(r)
+            if "jax_data_set" in recs:
+                b, v = recs["jax"], recs["jax_data_set"]
+                _emit({"ratio": f"with/without {a.data_set}", "n_inputs": n, "mode": mode,
+                       "step_time": round(v["step_median_s"] / b["step_median_s"], 4),
+                       "step_time_min": round(v["step_min_s"] / b["step_min_s"], 4),
+                       "with_step_median_s": v["step_median_s"],
+                       "without_step_median_s": b["step_median_s"]})
             if "torch" in recs:
                 torch_rec = recs["torch"]
                 if mode == "train":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Sequence
 
 from histo_jax import hostenv
@@ -42,6 +43,7 @@ from histo_jax.config import get_base_config  # noqa: E402
 from histo_jax.data import layout, pipeline, sources  # noqa: E402
 from histo_jax.metrics import classification_metrics, softmax  # noqa: E402
 from histo_jax.models import build_model, load_pytorch  # noqa: E402
+from histo_jax.stain import normalize as stain_lib  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,16 @@ def load_run(run_dir: str):
                                 "epoch yet. Train it (rerun its main.py command) first.")
     nnx.update(model, best[0]["params"], best[0]["batch_stats"])
     model.eval()
+    if config.data.stain.get("method", "none") != "none":
+        # The run's own copy of the normaliser it was trained with.
+        config.data.stain.file = os.path.join(run_dir, stain_lib.RUN_FILE)
     return config, model
+
+
+def use_stain_file(config: ml_collections.ConfigDict, path: str) -> None:
+    """Predicts with the stain normaliser of ``path`` (``--stain``) instead of the run's."""
+    fitted = stain_lib.load(path)
+    config.data.stain.method, config.data.stain.file = fitted.method, path
 
 
 def load_pytorch_run(path: str, image_size: int = 224):
@@ -109,7 +120,8 @@ def predict_folder(config: ml_collections.ConfigDict, model: nnx.Module, data_di
     graphs, params, batch_stats = steps.split_model(model)
     repl = parallel.replicated(mesh)
     params, batch_stats = jax.device_put((params, batch_stats), repl)
-    step = steps.make_eval_step(graphs, data_cfg.normalization)
+    step = steps.make_eval_step(graphs, data_cfg.normalization,
+                                stain_lib.from_config(data_cfg.stain))
 
     def eval_fn(p, s, images):
         if not tta:
@@ -210,6 +222,8 @@ def _define_flags():
                       "confident first) or file names (without .png).")
     flags.DEFINE_integer("batch_size", None, "Global batch (default: the run's eval_batch_size).")
     flags.DEFINE_integer("image_size", 224, "Image size for --pytorch checkpoints.")
+    flags.DEFINE_string("stain", None, "A fitted stain normaliser (stain.json) to apply instead "
+                        "of the run's own (a run trained with data.stain uses its copy anyway).")
     flags.DEFINE_integer("num_workers", None, "Grain worker processes (default: the run's); "
                          "with --slides, reader threads (default 4).")
     # Slide mode (histo_jax/slides/predict.py).
@@ -239,10 +253,17 @@ def main(argv):
         raise app.UsageError("Give exactly one of --data_dir=FOLDER or --slides=SLIDES.")
     if len(argv) > 1 and not FLAGS.slides:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.run:
-        config, model = load_run(FLAGS.run)
-    else:
-        config, model = load_pytorch_run(FLAGS.pytorch, FLAGS.image_size)
+    try:
+        if FLAGS.run:
+            config, model = load_run(FLAGS.run)
+        else:
+            config, model = load_pytorch_run(FLAGS.pytorch, FLAGS.image_size)
+        if FLAGS.stain:
+            use_stain_file(config, FLAGS.stain)
+        stain_lib.from_config(config.data.stain)  # a bad stain file is reported before any work
+    except stain_lib.StainError as e:
+        print(f"histo_jax: {e}", file=sys.stderr)
+        return 1
     if FLAGS.slides:
         return _main_slides(config, model, list(FLAGS.slides) + list(argv[1:]))
     panels = FLAGS.panels

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from histo_jax.data import augment
+from histo_jax.stain.normalize import StainNormalizer
 
 
 @flax.struct.dataclass
@@ -100,17 +101,28 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
                       batch_stats=batch_stats, opt_state=opt_state)
 
 
+def normalize_stain(images: jax.Array, stain: StainNormalizer | None):
+    """Stain normalisation of a batch (B, N, H, W, 3) -> (float images in [0, 1], number of
+    images passed through unchanged); ``stain`` None leaves the images as they are."""
+    if stain is None:
+        return images, None
+    out, ok = stain(jnp.asarray(images))
+    return out.astype(jnp.float32), jnp.sum(~ok)
+
+
 def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
                     aug_cfg: "augment.AugmentConfig | None", normalization: str,
-                    class_weights: jax.Array) -> Callable:
-    """Builds ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted):
-    augmentation, preprocessing, :func:`make_grad_fn`'s gradient, :func:`apply_gradients`."""
+                    class_weights: jax.Array, stain: StainNormalizer | None = None) -> Callable:
+    """Builds ``train_step(state, batch, key) -> (state, metrics)`` (not yet jitted): stain
+    normalisation (``stain``), augmentation, preprocessing, :func:`make_grad_fn`'s
+    gradient, :func:`apply_gradients`. With ``stain``, ``metrics['stain_passthrough']``
+    counts the images too poor in tissue to normalise (passed through unchanged)."""
     grad_fn = make_grad_fn(graphs, class_weights)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
         aug_key, dropout_key = jax.random.split(step_key)
-        images = batch["images"]
+        images, passthrough = normalize_stain(batch["images"], stain)
         if aug_cfg is not None:
             images = augment.augment_batch(aug_key, images, aug_cfg)
         images = augment.preprocess(images, normalization)
@@ -122,16 +134,21 @@ def make_train_step(graphs: ModelGraphs, tx: optax.GradientTransformation,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "grad_norm": optax.tree_utils.tree_norm(grads),
         }
+        if passthrough is not None:
+            metrics["stain_passthrough"] = passthrough
         return apply_gradients(tx, state, grads, batch_stats), metrics
 
     return train_step
 
 
-def make_eval_step(graphs: ModelGraphs, normalization: str) -> Callable:
-    """Builds ``eval_step(params, batch_stats, images) -> (logits, attention)``."""
+def make_eval_step(graphs: ModelGraphs, normalization: str,
+                   stain: StainNormalizer | None = None) -> Callable:
+    """Builds ``eval_step(params, batch_stats, images) -> (logits, attention)``: stain
+    normalisation (``stain``, as in training), preprocessing, the eval-mode forward."""
 
     def eval_step(params, batch_stats, images):
         model = nnx.merge(graphs.eval, params, batch_stats, copy=True)
+        images, _ = normalize_stain(images, stain)
         logits, attention = model(augment.preprocess(images, normalization))
         return logits.astype(jnp.float32), attention.astype(jnp.float32)
 

@@ -39,6 +39,7 @@ from histo_jax import workdir as workdir_lib
 from histo_jax.data import augment, pipeline, sources, splits as splits_lib
 from histo_jax.metrics import MetricWriter, classification_metrics, softmax
 from histo_jax.models import build_model
+from histo_jax.stain import normalize as stain_lib
 
 log = logging.getLogger(__name__)
 
@@ -296,14 +297,19 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
     # shape is its own small compile (2 s for the tiny model).
     state = jax.jit(functools.partial(steps.init_train_state, tx=tx), out_shardings=repl)(
         *jax.device_put((params, batch_stats), repl))
-    aug_cfg = augment.AugmentConfig.from_config(data_cfg, n_in) if data_cfg.augment else None
+    aug_cfg = augment.AugmentConfig.from_config(data_cfg, n_in)
+    aug_cfg = aug_cfg if aug_cfg.enabled or aug_cfg.stain.enabled else None
+    stain = stain_lib.from_config(data_cfg.stain)
+    if stain is not None and primary:  # The run keeps its normaliser (predict uses it).
+        workdir_lib.write_atomic(os.path.join(workdir, stain_lib.RUN_FILE),
+                                 json.dumps(stain.fitted.to_json(), indent=2), "the stain file")
     cw = jnp.asarray(weights if config.class_weighted_loss else np.ones_like(weights))
     copts = steps.compiler_options(memory_scheduler=config.xla_cpu_memory_scheduler)
     train_step = jax.jit(
-        steps.make_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw),
+        steps.make_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw, stain),
         in_shardings=(repl, parallel.batch_sharding(mesh), repl), out_shardings=(repl, repl),
         donate_argnums=0, compiler_options=copts)
-    eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization),
+    eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization, stain),
                         in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
                         compiler_options=copts)
     base_key = jax.device_put(jax.random.PRNGKey(config.seed), repl)
@@ -368,6 +374,7 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
                    disable=not (config.progress and primary), leave=False)
         t0 = time.time()
         pending = []
+        stain_counts = [0, 0]  # images passed through unchanged, images seen (this process)
         step = int(state.step)  # host copy: no device sync per step
 
         def flush():
@@ -382,6 +389,9 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
                         f"{ckpt.latest.directory} (a rerun resumes from it). Lower "
                         "--config.optimizer.learning_rate or check the input data.")
                 loop.add_step(float(hm["loss"]), float(hm["accuracy"]))
+                if "stain_passthrough" in hm:
+                    stain_counts[0] += int(hm["stain_passthrough"])
+                    stain_counts[1] += config.batch_size * n_in
             if host:
                 write_scalars(step, {"train/loss": host[-1]["loss"],
                                      "train/grad_norm": host[-1]["grad_norm"],
@@ -410,6 +420,12 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
                 save_latest()
         bar.close()
         train_time = time.time() - t0
+        if stain is not None and stain_counts[1]:
+            log.info("Stain normalisation, epoch %d: %d of %d training crops passed through "
+                     "unchanged (too little tissue or an implausible stain estimate).",
+                     epoch + 1, *stain_counts)
+            write_scalars(int(state.step), {"train/stain_passthrough": stain_counts[0]},
+                          epoch=epoch + 1)
 
         # Validation, best weights, early stopping.
         t0 = time.time()

@@ -59,6 +59,18 @@ NOT_IN_IDENTITY = {
     "data.prepared_dir": "where prepared datasets are cached",
     "grid.num_inputs": "the grid's extent (a cell is identified by its num_inputs, run, seed)",
     "grid.runs": "the grid's extent (idem)",
+    "data.stain.file": "where the fitted stain normaliser is (it is identified by its numbers, "
+                       "data.stain.fitted)",
+}
+
+# Fields added after runs were first recorded: a stored identity without one of them was
+# computed with this value (the reference behaviour), so it still matches.
+ADDED_FIELDS = {
+    "data.stain.method": "none", "data.stain.where": "step", "data.stain.min_tissue": 0.02,
+    "data.stain.max_angle": 30.0, "data.stain_augment.method": "none",
+    "data.stain_augment.per_input": False, "data.stain_augment.prob": 1.0,
+    "data.stain_augment.hed_alpha": 0.05, "data.stain_augment.hed_beta": 0.05,
+    "data.stain_augment.lab_mean": [5.0, 3.0, 3.0], "data.stain_augment.lab_std": [0.1, 0.1, 0.1],
 }
 
 
@@ -96,7 +108,13 @@ def identity_fields(config) -> dict:
     """The config's fields that determine results: flattened (``'optimizer.learning_rate'``),
     as JSON values, without :data:`NOT_IN_IDENTITY`."""
     flat = _flatten(json.loads(config.to_json_best_effort()))
-    return {k: v for k, v in flat.items() if k not in NOT_IN_IDENTITY}
+    fields = {k: v for k, v in flat.items() if k not in NOT_IN_IDENTITY}
+    if flat.get("data.stain.method", "none") != "none":
+        # The normaliser's numbers, not its path (raises StainError naming a missing file).
+        from histo_jax.stain.normalize import load  # noqa: PLC0415 - numpy only, no JAX
+        fields["data.stain.fitted"] = load(os.path.expanduser(flat["data.stain.file"]),
+                                           flat["data.stain.method"]).fingerprint()
+    return fields
 
 
 def data_fingerprint(data_cfg) -> str:
@@ -141,8 +159,8 @@ class RunIdentity:
         """``'field: old -> new'`` for every difference from ``self`` (stored) to ``new``."""
         out = []
         for key in sorted(set(self.fields) | set(new.fields)):
-            old_v = self.fields.get(key, _MISSING)
-            new_v = new.fields.get(key, _MISSING)
+            old_v = self.fields.get(key, ADDED_FIELDS.get(key, _MISSING))
+            new_v = new.fields.get(key, ADDED_FIELDS.get(key, _MISSING))
             if old_v != new_v:
                 out.append(f"{key}: {_show(old_v)} -> {_show(new_v)}")
         if self.data_fingerprint != new.data_fingerprint:
@@ -218,7 +236,10 @@ def compare(workdir: str, identity: RunIdentity) -> Mismatch | None:
         return Mismatch(workdir, [f"{IDENTITY_FILE}: missing, although the folder holds results "
                                   "(written by a histo_jax without run identities, or by "
                                   "something else): what they come from cannot be checked"])
-    return Mismatch(workdir, stored.differences(identity) or ["(fingerprint differs)"])
+    diffs = stored.differences(identity)
+    if not diffs and stored.data_fingerprint == identity.data_fingerprint:
+        return None  # Equal up to fields added since, at the values the run was computed with.
+    return Mismatch(workdir, diffs or ["(fingerprint differs)"])
 
 
 DISCARD_HINT = ("To keep the old results, give this command another --workdir. To start afresh "

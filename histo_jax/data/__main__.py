@@ -8,6 +8,11 @@
   prepare  --data_dir DIR   validates, then builds (or reuses) the prepared dataset.
   demo     --out DIR        writes the synthetic demo dataset.
   demo     --slides DIR     writes the synthetic slide demo (pyramidal TIFFs + GeoJSON).
+  demo     --out DIR --sites 2
+                            two sites (site_a, site_b: other patients, other staining).
+  stain    fit --ref IMAGE|DIR|SLIDE --method macenko --out stain.json
+  stain    apply --stain stain.json --data_dir DIR --out DIR2
+                            stain normalisation (histo_jax/stain/cli.py).
   extract  --slides PATH [PATH ...] --out DIR
                             nested multi-field-of-view crops from whole slides, in this
                             layout (histo_jax/slides/extract.py); bad slides are reported
@@ -91,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder of the slide demo: train/ and new/ pyramidal TIFFs "
                         "(0.25 um/px) and annotations/ (QuPath GeoJSON)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sites", type=int, default=1, help="with --out: 2 writes OUT/site_a (the "
+                   "default dataset) and OUT/site_b (other patients, other H&E staining)")
 
     _add_extract_parser(sub)
+    from histo_jax.stain import cli as stain_cli  # noqa: PLC0415 - numpy only
+    stain_cli.add_parser(sub)
     return parser
 
 
@@ -160,6 +169,8 @@ def _add_extract_parser(sub) -> None:
                    help="slide,patient: num_id = patient (splits keep a patient's slides together)")
     p.add_argument("--labels_file", default="labels.csv", help="default: %(default)s")
     p.add_argument("--workers", type=int, default=4, help="reader threads (default: %(default)s)")
+    p.add_argument("--stain", metavar="JSON", default=None,
+                   help="a fitted stain normaliser (stain fit): crops are written normalised")
     p.add_argument("--no_pyramid", action="store_true",
                    help="read every field at level 0 and resize it (the naive way; for checks)")
     p.add_argument("--tissue_downsample", type=float, default=t.downsample,
@@ -224,8 +235,14 @@ def _cmd_prepare(args) -> int:
 def _cmd_demo(args) -> int:
     if args.slides:
         return _cmd_demo_slides(args)
-    from histo_jax.data.demo import write_demo_dataset  # Lazy: only this command needs it.
+    from histo_jax.data.demo import write_demo_dataset, write_demo_sites  # Lazy: only here.
 
+    if args.sites > 1:
+        summary = write_demo_sites(args.out, args.sites, seed=args.seed)
+        for name, s in summary.items():
+            print(f"Site {name}: {s['num_samples']} samples of {s['num_ids']} patients -> "
+                  f"{s['out_dir']}")
+        return 0
     summary = write_demo_dataset(args.out, seed=args.seed)
     print(f"Demo dataset written to {args.out}: {summary}")
     return 0
@@ -267,7 +284,7 @@ def _cmd_extract(args) -> int:
         border=args.border, tissue=tissue, mpp=args.mpp, pyramid=not args.no_pyramid,
         points=args.points, annotations=args.annotations, class_map=class_map,
         outside_label=args.outside_label, patients=args.patients, labels_file=args.labels_file,
-        workers=args.workers)
+        workers=args.workers, stain=args.stain)
     try:
         result = extract.extract(args.slides, args.out, cfg, progress=True, log=lambda m: None)
     except InputError as e:
@@ -290,8 +307,10 @@ def _cmd_extract(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one data command; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    from histo_jax.stain import cli as stain_cli  # noqa: PLC0415
+
     commands = {"validate": _cmd_validate, "labels": _cmd_labels, "prepare": _cmd_prepare,
-                "demo": _cmd_demo, "extract": _cmd_extract}
+                "demo": _cmd_demo, "extract": _cmd_extract, "stain": stain_cli.main}
     try:
         return commands[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -26,6 +26,11 @@ every image independently -- a fresh draw per sample AND per input -- in this or
 
 With ``shared_geometry`` the flip and rotation draws are shared by the inputs of one
 sample (colour, blur and erasing stay independent).
+
+Stain augmentation (``stain``: HED or LAB jitter, ``histo_jax/stain/augment.py``; off in
+the reference) runs first, on the unaugmented images, with its own key
+(``fold_in(key, STAIN_KEY)``), so the reference draws are the same with it on or off; it
+runs even when the reference augmentation is disabled.
 """
 from __future__ import annotations
 
@@ -37,11 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from histo_jax.stain.augment import StainAugmentConfig, stain_augment
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("none", "imagenet")
 _ERASING_TRIES = 10
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights.
+STAIN_KEY = 0x57A1  # fold_in constant of the stain augmentation's key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +71,7 @@ class AugmentConfig:
     erasing_prob: tuple[float, ...] = (0.3,)
     erasing_scale: tuple[float, float] = (0.02, 0.33)
     erasing_ratio: tuple[float, float] = (0.3, 3.3)
+    stain: StainAugmentConfig = StainAugmentConfig()
 
     def __post_init__(self):
         n = len(self.color_jitter)
@@ -112,6 +121,7 @@ class AugmentConfig:
             erasing_prob=erasing[:num_inputs],
             erasing_scale=tuple(float(s) for s in data_cfg.erasing_scale),
             erasing_ratio=tuple(float(r) for r in data_cfg.erasing_ratio),
+            stain=StainAugmentConfig.from_config(data_cfg.get("stain_augment")),
         )
 
 
@@ -302,7 +312,7 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.
 
     Deterministic given ``key``; independent draws per sample and per input (flips and
     rotation shared across a sample's inputs when ``cfg.shared_geometry``). With
-    ``cfg.enabled`` False it only scales to [0, 1].
+    ``cfg.enabled`` False it only scales to [0, 1] (and applies ``cfg.stain``).
     """
     if images.ndim != 5 or images.shape[-1] != 3:
         raise ValueError(f"augment_batch expects images (B, N, H, W, 3); got shape {images.shape}.")
@@ -313,6 +323,8 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.
             f"parameters for {cfg.num_inputs}; build it with AugmentConfig.from_config(cfg, "
             f"{num_inputs}).")
     x = _to_unit_float(images)
+    if cfg.stain.enabled:
+        x = stain_augment(jax.random.fold_in(key, STAIN_KEY), x, cfg.stain)
     if not cfg.enabled:
         return x
     jitter = jnp.asarray(cfg.color_jitter[:num_inputs], jnp.float32)

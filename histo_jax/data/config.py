@@ -46,6 +46,29 @@ def get_data_config() -> ml_collections.ConfigDict:
     cfg.erasing_prob = (0.3, 0.4, 0.35, 0.38)
     cfg.erasing_scale = (0.02, 0.33)
     cfg.erasing_ratio = (0.3, 3.3)
+    # Stain handling (histo_jax/stain; none of it in the reference, so all off by default).
+    # Normalisation: a normaliser fitted once (`python -m histo_jax.data stain fit --ref ...
+    # --method macenko --out stain.json`), applied to every image before augmentation in the
+    # jitted train and eval steps, and so in predict and predict --slides (the run keeps a
+    # copy, <workdir>/stain.json). Its numbers are part of the run identity.
+    cfg.stain = ml_collections.ConfigDict()
+    cfg.stain.method = "none"     # 'none' (reference) | 'macenko' | 'reinhard'
+    cfg.stain.file = ""           # the fitted stain.json (its method must match)
+    cfg.stain.where = "step"      # 'step': on device, inside the jitted steps (train, eval,
+    #                               predict); crops on disk: `stain apply` / `extract --stain`
+    cfg.stain.min_tissue = 0.02   # fewer tissue pixels: the image passes unchanged (counted)
+    cfg.stain.max_angle = 30.0    # Macenko: estimated vs reference stain vector, degrees (0: off)
+    # Augmentation inside the jitted train step: 'hed' (Tellez et al. 2018: per-channel
+    # scale and shift of H, E, DAB concentrations in OD space) or 'lab' (RandStainNA-style
+    # LAB statistics jitter). One draw per sample, shared by its scales, unless per_input.
+    cfg.stain_augment = ml_collections.ConfigDict()
+    cfg.stain_augment.method = "none"   # 'none' (reference) | 'hed' | 'lab'
+    cfg.stain_augment.per_input = False
+    cfg.stain_augment.prob = 1.0
+    cfg.stain_augment.hed_alpha = 0.05  # alpha ~ U(1 - a, 1 + a)
+    cfg.stain_augment.hed_beta = 0.05   # beta ~ U(-b, b), OD units
+    cfg.stain_augment.lab_mean = (5.0, 3.0, 3.0)  # std of the L, a, b mean shifts
+    cfg.stain_augment.lab_std = (0.1, 0.1, 0.1)   # std of the L, a, b spread factors
     # Splits (on num_id): test fraction, then validation fraction of the rest.
     cfg.test_size = 0.2
     cfg.val_size = 0.25

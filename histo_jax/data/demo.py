@@ -33,11 +33,18 @@ Design
 * Labels are per ``num_id`` (balanced: half the ids are tumour); samples are fully
   determined by ``(seed, sample number)``; generation runs in a process pool and writes
   PNGs with ``compress_level=1``.
+* Sites (``write_demo_sites``, ``python -m histo_jax.data demo --sites 2``): the default
+  dataset is site A. Site B holds the same kind of tissue from other patients (other
+  ``num_id``s and scenes), stained and scanned elsewhere: its haematoxylin and eosin OD
+  vectors are Macenko et al.'s (2009) reference stain matrix instead of vectors close to
+  Ruifrok & Johnston's (2001) (7.7 and 12.5 degrees apart), with 1.3x the haematoxylin and
+  0.75x the eosin, a darker, bluer slide, as sites differ.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -55,6 +62,27 @@ _ATYPIA_RADIUS = 280.0  # Cue A lives within this distance of the centre.
 _ARCH_HALF = 300.0  # Cue B lives outside this half-width square about the centre.
 _HAEM = np.array([0.65, 0.72, 0.30], np.float32)  # Optical density per unit stain.
 _EOSIN = np.array([0.12, 0.88, 0.38], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """How one hospital's slides look: stain OD vectors, stain amounts, its patients."""
+
+    name: str
+    haem: tuple[float, float, float] = tuple(float(v) for v in _HAEM)
+    eosin: tuple[float, float, float] = tuple(float(v) for v in _EOSIN)
+    strength: tuple[float, float] = (1.0, 1.0)   # multiplies every sample's stain amounts
+    first_num_id: int = 101
+    seed_offset: int = 0
+
+
+SITES = {
+    "a": Site("a"),
+    # Macenko et al. 2009's reference H and E vectors (torchstain's HERef), more haematoxylin,
+    # less eosin; other patients (num_ids 501..) and other scenes.
+    "b": Site("b", haem=(0.5626, 0.7201, 0.4062), eosin=(0.2159, 0.8012, 0.5581),
+              strength=(1.3, 0.75), first_num_id=501, seed_offset=1000),
+}
 
 
 # ----------------------------------------------------------------------------- scene
@@ -237,8 +265,13 @@ def render_window(scene: dict, x0: float, y0: float, px: float, shape: tuple[int
     return np.clip(haem, 0, 3.5), np.clip(eosin, 0, 1.5)
 
 
-def _to_rgb(haem: np.ndarray, eosin: np.ndarray, stain: np.ndarray) -> np.ndarray:
-    od = haem[..., None] * (_HAEM * stain[0]) + eosin[..., None] * (_EOSIN * stain[1])
+def _to_rgb(haem: np.ndarray, eosin: np.ndarray, stain: np.ndarray,
+            site: Site = SITES["a"]) -> np.ndarray:
+    h_vec, e_vec = _HAEM, _EOSIN
+    if site != SITES["a"]:
+        h_vec = np.asarray(site.haem, np.float32) * np.float32(site.strength[0])
+        e_vec = np.asarray(site.eosin, np.float32) * np.float32(site.strength[1])
+    od = haem[..., None] * (h_vec * stain[0]) + eosin[..., None] * (e_vec * stain[1])
     return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
 
 
@@ -254,15 +287,17 @@ def sample_cues(seed: int, sample: int, label: int) -> tuple[bool, bool]:
 
 
 def render_sample(seed: int, sample: int, label: int, stain: Sequence[float],
-                  sizes: Sequence[int] = (256, 512, 1024, 2048)) -> tuple[dict[int, np.ndarray], bool, bool]:
-    """Renders one sample: ({size: uint8 (size, size, 3) centre crop}, cue_a, cue_b)."""
+                  sizes: Sequence[int] = (256, 512, 1024, 2048), site: Site = SITES["a"]
+                  ) -> tuple[dict[int, np.ndarray], bool, bool]:
+    """Renders one sample: ({size: uint8 (size, size, 3) centre crop}, cue_a, cue_b), as
+    ``site`` stains and scans it."""
     rng = np.random.default_rng([seed, sample])
     cue_a, cue_b = (bool(u < CUE_PROB[label]) for u in rng.random(2))  # As sample_cues().
     scene = _make_scene(rng, cue_a, cue_b)
     stain = np.asarray(stain, np.float32)
     canvas = None
     for window in (2048, 1024, 512, 256):  # Coarse to fine; finer layers overwrite the centre.
-        layer = _to_rgb(*_render(scene, window / 2, rng), stain)
+        layer = _to_rgb(*_render(scene, window / 2, rng), stain, site)
         img = Image.fromarray(layer)
         if window != RENDER:
             img = img.resize((window, window), Image.NEAREST)  # Cheap to encode; see docstring.
@@ -280,21 +315,22 @@ def render_sample(seed: int, sample: int, label: int, stain: Sequence[float],
 
 
 def _write_sample(args) -> tuple[str, bool, bool]:
-    out_dir, seed, sample, name, label, stain, sizes = args
-    crops, cue_a, cue_b = render_sample(seed, sample, label, stain, sizes)
+    out_dir, seed, sample, name, label, stain, sizes, site = args
+    crops, cue_a, cue_b = render_sample(seed, sample, label, stain, sizes, site)
     for s, crop in crops.items():
         Image.fromarray(crop).save(os.path.join(out_dir, f"high_mag_{s}", name + ".png"), compress_level=1)
     return name, cue_a, cue_b
 
 
-def demo_plan(seed: int, num_ids: int, samples_per_id: int) -> list[tuple[str, int, tuple[float, float]]]:
+def demo_plan(seed: int, num_ids: int, samples_per_id: int, first_num_id: int = 101
+              ) -> list[tuple[str, int, tuple[float, float]]]:
     """(file stem, label, stain strengths) of every sample; labels balanced over num_ids."""
     rng = np.random.default_rng([seed, 2**31])
     labels = np.array([i % 2 for i in range(num_ids)])
     rng.shuffle(labels)
     plan = []
     for i, label in enumerate(labels):
-        num_id = 101 + i
+        num_id = first_num_id + i
         token = "normal" if label == 0 else TUMOUR_TYPES[rng.integers(len(TUMOUR_TYPES))]
         stain = (float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.85, 1.15)))
         for k in range(samples_per_id):
@@ -304,8 +340,9 @@ def demo_plan(seed: int, num_ids: int, samples_per_id: int) -> list[tuple[str, i
 
 def write_demo_dataset(out_dir: str, *, seed: int = 0, num_ids: int = 40, samples_per_id: int = 6,
                        sizes: Sequence[int] = (256, 512, 1024, 2048), labels_file: str = "labels.csv",
-                       num_processes: int | None = None) -> dict:
-    """Writes the synthetic demo dataset (layout of the original project) into ``out_dir``.
+                       num_processes: int | None = None, site: str = "a") -> dict:
+    """Writes the synthetic demo dataset (layout of the original project) into ``out_dir``,
+    as ``site`` ('a': the default dataset, 'b': other patients and staining; see SITES).
 
     Returns a summary: out_dir, num_samples, num_ids, class counts, per-sample cue flags
     and the generation time. Refuses to write into a folder that already holds a
@@ -324,8 +361,13 @@ def write_demo_dataset(out_dir: str, *, seed: int = 0, num_ids: int = 40, sample
     start = time.time()
     for s in sizes:
         os.makedirs(os.path.join(out_dir, f"high_mag_{s}"), exist_ok=True)
-    plan = demo_plan(seed, num_ids, samples_per_id)
-    jobs = [(out_dir, seed, i, name, label, stain, tuple(sizes)) for i, (name, label, stain) in enumerate(plan)]
+    if site not in SITES:
+        raise ValueError(f"write_demo_dataset: site must be one of {sorted(SITES)}; got {site!r}.")
+    st = SITES[site]
+    seed = seed + st.seed_offset
+    plan = demo_plan(seed, num_ids, samples_per_id, st.first_num_id)
+    jobs = [(out_dir, seed, i, name, label, stain, tuple(sizes), st)
+            for i, (name, label, stain) in enumerate(plan)]
     workers = num_processes or min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")  # Safe when the caller has started JAX threads.
@@ -343,10 +385,20 @@ def write_demo_dataset(out_dir: str, *, seed: int = 0, num_ids: int = 40, sample
         "out_dir": out_dir,
         "num_samples": len(plan),
         "num_ids": num_ids,
+        "site": site,
         "class_counts": {"normal": int((labels == 0).sum()), "tumour": int((labels == 1).sum())},
         "cues": {name: {"atypia": a, "architecture": b} for name, a, b in results},
         "seconds": round(time.time() - start, 2),
     }
+
+
+def write_demo_sites(out_dir: str, num_sites: int = 2, **kwargs) -> dict:
+    """Writes sites a, b, ... of the demo dataset into ``out_dir/site_a``, ``out_dir/site_b``."""
+    names = sorted(SITES)[:num_sites]
+    if not 1 <= num_sites <= len(SITES):
+        raise ValueError(f"write_demo_sites: num_sites must be 1..{len(SITES)}; got {num_sites}.")
+    return {n: write_demo_dataset(os.path.join(out_dir, f"site_{n}"), site=n, **kwargs)
+            for n in names}
 
 
 def save_preview(path: str, *, seed: int = 0, tile: int = 224) -> None:

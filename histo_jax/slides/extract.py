@@ -49,6 +49,7 @@ from histo_jax.slides import geometry, pictures
 from histo_jax.slides.locate import BORDER_CHOICES, fov_pixels, locate
 from histo_jax.slides.reader import InputError, SlideError, check_unique_names, find_slides, open_slide
 from histo_jax.slides.tissue import TissueParams
+from histo_jax.stain.normalize import StainNormalizer, apply_uint8, load as load_stain
 
 MANIFEST = "extract.json"
 LOCATIONS = "locations.csv"
@@ -75,6 +76,7 @@ class ExtractConfig:
     patients: str | None = None
     labels_file: str = "labels.csv"
     workers: int = 4
+    stain: str | None = None  # a fitted stain.json: crops are written normalised
 
     def __post_init__(self):
         if self.border not in BORDER_CHOICES:
@@ -100,7 +102,16 @@ class ExtractConfig:
                 "tissue": self.tissue.to_dict(), "mpp": self.mpp, "pyramid": self.pyramid,
                 "mode": self.mode, "class_map": [list(c) for c in self.class_map],
                 "outside_label": self.outside_label, "patients": bool(self.patients),
-                "labels_file": self.labels_file}
+                "labels_file": self.labels_file, **self._stain_setting()}
+
+    def _stain_setting(self) -> dict:
+        if not self.stain:
+            return {}  # (absent, so extractions made before stain handling still match)
+        return {"stain": load_stain(self.stain).fingerprint()}
+
+    def normalizer(self):
+        """The numpy stain normaliser of ``stain`` (None without one)."""
+        return StainNormalizer(load_stain(self.stain)) if self.stain else None
 
 
 @dataclasses.dataclass
@@ -203,11 +214,12 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
     rows_by_slide: dict[str, list[dict]] = {}
     summaries: dict[str, dict] = dict((previous or {}).get("slides", {}))
     class_map = dict(cfg.class_map) or ann_lib.parse_class_map(ann_lib.DEFAULT_CLASS_MAP)
+    normalizer = cfg.normalizer()
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
         try:
             rows, summary = _extract_slide(path, out_dir, cfg, folders, stored, points, patients,
-                                           class_map, progress)
+                                           class_map, progress, normalizer)
         except InputError as e:
             failures.append((e.path, e.reason))
             log(f"FAILED {e}")
@@ -216,13 +228,16 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
         summaries[name] = summary
     _write_tables(out_dir, cfg, rows_by_slide, previous is not None)
     manifest = {"histo_jax_extract": 1, "settings": settings, "stored_sizes": stored,
+                "stain": ({"file": os.path.abspath(cfg.stain), **load_stain(cfg.stain).params()}
+                          if cfg.stain else None),
                 "slides": summaries, "failures": [list(f) for f in failures]}
     _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
     done = {k: v for k, v in summaries.items() if k in rows_by_slide}
     return ExtractResult(out_dir, done, failures, folders, time.time() - start)
 
 
-def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_map, progress):
+def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_map, progress,
+                   normalizer=None):
     slide = open_slide(path, cfg.mpp)
     try:
         fovs_px = fov_pixels(slide, cfg.fovs)
@@ -251,8 +266,8 @@ def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_
             num_id = token
         names = sample_names(num_id, token, loc.xy)
         levels = [slide.field_level(f, s if cfg.size else None, cfg.pyramid) for f, s in zip(fovs_px, sizes)]
-        written, existing = _write_crops(slide, out_dir, folders, fovs_px, cfg, names, loc.xy,
-                                         cfg.workers, progress)
+        written, existing, passthrough = _write_crops(slide, out_dir, folders, fovs_px, cfg, names,
+                                                      loc.xy, cfg.workers, progress, normalizer)
         for folder, size in zip(folders, sizes):
             stored.setdefault(folder, size)
         pictures.locations_thumbnail(
@@ -274,6 +289,7 @@ def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_
             counts[int(v)] = int((labels == v).sum())
         summary = {"path": os.path.abspath(path), "locations": len(loc), "candidates": loc.candidates,
                    "written": written, "existing": existing, "padded": int(loc.padded.sum()),
+                   "stain_passthrough": passthrough,
                    "dropped": loc.dropped, "label_counts": counts, "fovs_px": list(fovs_px),
                    "levels": levels, "mpp": slide.mpp, "mpp_source": slide.mpp_source,
                    "size": [slide.width, slide.height], "num_id": num_id}
@@ -282,18 +298,25 @@ def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_
         slide.close()
 
 
-def _write_crops(slide, out_dir, folders, fovs_px, cfg, names, xy, workers, progress):
-    """Reads and writes every missing crop in a thread pool; returns (written, existing)."""
+def _write_crops(slide, out_dir, folders, fovs_px, cfg, names, xy, workers, progress,
+                 normalizer=None):
+    """Reads and writes every missing crop in a thread pool, stain-normalised with
+    ``normalizer``; returns (written, existing, crops passed through unnormalised)."""
     lock = threading.Lock()
-    counts = {"written": 0, "existing": 0}
+    counts = {"written": 0, "existing": 0, "passthrough": 0}
 
     def job(k):
         todo = [(folder, fpx) for folder, fpx in zip(folders, fovs_px)
                 if not os.path.exists(os.path.join(out_dir, folder, names[k] + ".png"))]
+        passed = 0
         for folder, fpx in todo:
             crop = slide.read_field(int(xy[k, 0]), int(xy[k, 1]), fpx, cfg.size, cfg.pyramid)
+            if normalizer is not None:
+                crop, ok = apply_uint8(normalizer, crop)
+                passed += not ok
             _save_png(os.path.join(out_dir, folder, names[k] + ".png"), crop)
         with lock:
+            counts["passthrough"] += passed
             counts["written"] += len(todo)
             counts["existing"] += len(folders) - len(todo)
 
@@ -302,7 +325,7 @@ def _write_crops(slide, out_dir, folders, fovs_px, cfg, names, xy, workers, prog
     for _ in ordered_imap(job, range(len(names)), workers):
         bar.update(1)
     bar.close()
-    return counts["written"], counts["existing"]
+    return counts["written"], counts["existing"], counts["passthrough"]
 
 
 def _read_rows(path: str) -> list[dict]:

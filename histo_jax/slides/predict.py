@@ -47,6 +47,7 @@ from histo_jax.slides import geometry, pictures
 from histo_jax.slides.locate import fov_pixels, locate
 from histo_jax.slides.reader import InputError, SlideError, check_unique_names, find_slides, open_slide
 from histo_jax.slides.tissue import TissueParams
+from histo_jax.stain import normalize as stain_lib
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
     graphs, params, batch_stats = steps.split_model(model)
     repl = parallel.replicated(mesh)
     params, batch_stats = jax.device_put((params, batch_stats), repl)
-    eval_fn = jax.jit(steps.make_eval_step(graphs, config.data.normalization),
+    stain = stain_lib.from_config(config.data.get("stain"))  # the run's (or --stain's) normaliser
+    eval_fn = jax.jit(steps.make_eval_step(graphs, config.data.normalization, stain),
                       in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
                       compiler_options=steps.compiler_options())
 
@@ -237,6 +239,8 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
     summary = {"slides": rows, "failures": [list(f) for f in failures], "scales": list(scales),
                "image_size": size, "stride": stride, "border": border,
                "num_locations": len(items), "devices": n_dev,
+               "stain": (None if stain is None else
+                         {"file": config.data.stain.file, **stain.fitted.params()}),
                "timing": {"plan_seconds": round(t_plan, 3), "compile_seconds": round(t_compile, 3),
                           "wall_seconds": round(wall, 3),
                           "read_seconds_summed_over_threads": round(read_seconds[0], 3),
