@@ -99,13 +99,15 @@ def test_reinhard_matches_torchstain(ref_and_target):
 
 def test_normalisation_brings_another_site_to_the_reference():
     """Site B's staining (other H&E vectors, 1.3x H, 0.75x E) of the same tissue is mapped
-    close to site A's, much closer than before."""
-    a = he_image(5, 512, 2)
-    b = he_image(5, 512, 2, site="b")
-    for method in ("macenko", "reinhard"):
-        normalizer = N.StainNormalizer(N.fit([he_image(k) for k in (1, 2, 3)], method))
-        na, nb = normalizer(np.stack([a, b]))[0] * 255
-        assert rms(na, nb) < 0.5 * rms(a, b), method
+    close to site A's, much closer than before. (Macenko with OD threshold 0.05: the demo's
+    stroma is paler than torchstain's default 0.15 assumes, as configs/cross_site_demo.py.)"""
+    a = np.stack([he_image(k, 1024, 8) for k in (5, 6, 7, 8)])
+    b = np.stack([he_image(k, 1024, 8, site="b") for k in (5, 6, 7, 8)])
+    for method, most in (("macenko", 0.1), ("reinhard", 0.4)):
+        normalizer = N.StainNormalizer(N.fit([he_image(k) for k in (1, 2, 3)], method, beta=0.05))
+        (na, ok_a), (nb, ok_b) = normalizer(a), normalizer(b)
+        assert ok_a.all() and ok_b.all()
+        assert rms(na * 255, nb * 255) < most * rms(a, b), method  # measured: 0.06x, 0.26x
 
 
 def test_batched_jax_equals_numpy_per_image(ref_and_target):
@@ -117,7 +119,7 @@ def test_batched_jax_equals_numpy_per_image(ref_and_target):
     for k in range(3):
         out, ok = normalizer(batch[k, 0])
         assert bool(ok) == bool(jok[k, 0])
-        np.testing.assert_allclose(np.asarray(jout[k, 0]), out, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(jout[k, 0]), out, atol=1e-3)  # float32: < 0.3 grey
 
 
 # ---- poor patches pass through, never a NaN -----------------------------------------------------
@@ -278,7 +280,8 @@ def test_stain_augmentation_leaves_the_reference_draws_unchanged():
     key = jax.random.PRNGKey(0)
     np.testing.assert_allclose(np.asarray(A.augment_batch(key, x, zero)),
                                np.asarray(A.augment_batch(key, x, base)), atol=1e-5)
-    only = A.AugmentConfig(enabled=False, stain=SA.StainAugmentConfig(method="hed"))
+    only = A.AugmentConfig(enabled=False, color_jitter=base.color_jitter,
+                           erasing_prob=base.erasing_prob, stain=SA.StainAugmentConfig(method="hed"))
     assert float(jnp.abs(A.augment_batch(key, x, only) - x / 255.0).mean()) > 1e-3
 
 
