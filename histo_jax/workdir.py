@@ -109,7 +109,7 @@ def identity_fields(config) -> dict:
     as JSON values, without :data:`NOT_IN_IDENTITY`."""
     flat = _flatten(json.loads(config.to_json_best_effort()))
     fields = {k: v for k, v in flat.items() if k not in NOT_IN_IDENTITY}
-    if flat.get("data.stain.method", "none") != "none":
+    if flat.get("data.stain.method", "none") in ("macenko", "reinhard"):
         # The normaliser's numbers, not its path (raises StainError naming a missing file).
         from histo_jax.stain.normalize import load  # noqa: PLC0415 - numpy only, no JAX
         fields["data.stain.fitted"] = load(os.path.expanduser(flat["data.stain.file"]),

@@ -28,12 +28,12 @@ def stain_run(tmp_path_factory):
     """A tiny 2-scale run on H&E-like crops with Macenko normalisation and HED augmentation."""
     root = tmp_path_factory.mktemp("stainrun")
     data = str(root / "data")
-    demo.write_demo_dataset(data, num_ids=10, samples_per_id=2, sizes=(256, 512), num_processes=1)
+    demo.write_demo_dataset(data, num_ids=8, samples_per_id=2, sizes=(256, 512), num_processes=1)
     assert data_cli.main(["stain", "fit", "--ref", os.path.join(data, "high_mag_512"),
                           "--out", str(root / "stain.json")]) == 0
     c = tiny_config(data, str(root / "prepared"), str(root / "jax_cache"))
     c.data.scales = ("high_mag_512", "high_mag_256")
-    c.num_epochs, c.checkpoint_every_steps, c.optimizer.learning_rate = 3, 0, 3e-3
+    c.num_epochs, c.checkpoint_every_steps = 2, 0
     c.data.stain.method, c.data.stain.file = "macenko", str(root / "stain.json")
     c.data.stain_augment.method = "hed"
     workdir = str(root / "run")
@@ -49,7 +49,7 @@ def test_the_run_keeps_its_normaliser_in_its_identity_and_logs_pass_throughs(sta
     assert fields["data.stain.fitted"] == fitted.fingerprint()
     assert fields["data.stain_augment.method"] == "hed" and "data.stain.file" not in fields
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
-    assert [r["epoch"] for r in rows if "train/stain_passthrough" in r] == [1, 2, 3]
+    assert [r["epoch"] for r in rows if "train/stain_passthrough" in r] == [1, 2]
 
     # The same normaliser under another path is the same run; other numbers are another run.
     moved = str(root / "moved.json")

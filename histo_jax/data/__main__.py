@@ -235,9 +235,10 @@ def _cmd_prepare(args) -> int:
 def _cmd_demo(args) -> int:
     if args.slides:
         return _cmd_demo_slides(args)
-    from histo_jax.data.demo import write_demo_dataset, write_demo_sites  # Lazy: only here.
+    from histo_jax.data.demo import write_demo_dataset  # Lazy: only this command needs it.
 
     if args.sites > 1:
+        from histo_jax.data.demo import write_demo_sites  # noqa: PLC0415
         summary = write_demo_sites(args.out, args.sites, seed=args.seed)
         for name, s in summary.items():
             print(f"Site {name}: {s['num_samples']} samples of {s['num_ids']} patients -> "

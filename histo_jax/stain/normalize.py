@@ -236,6 +236,12 @@ class StainNormalizer:
         ``ok`` is False for the images passed through unchanged (see the module docstring).
         """
         xp = colour.xp_of(images)
+        if xp is np:  # degenerate estimates give NaN / inf, detected below: no warnings
+            with np.errstate(all="ignore"):
+                return self._apply(images, xp)
+        return self._apply(images, xp)
+
+    def _apply(self, images, xp):
         x, lead = _flat(images)
         f = self.fitted
         od, tissue = macenko_od(x, f.io, f.beta)
