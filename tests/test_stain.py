@@ -263,7 +263,8 @@ def test_stain_augmentation_shared_per_sample_deterministic_and_finite(method):
     assert float(jnp.abs(out - x).mean()) > 1e-3
     # Shared by the scales of a sample (identical inputs stay identical), not by samples.
     np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(out[:, 2]))
-    np.testing.assert_array_equal(np.asarray(SA.stain_augment(key, x, cfg)), np.asarray(out))
+    # Same key, same draw (eager vs jitted: float rounding only).
+    np.testing.assert_allclose(np.asarray(SA.stain_augment(key, x, cfg)), np.asarray(out), atol=1e-6)
     per_input = SA.stain_augment(key, x, SA.StainAugmentConfig(method=method, per_input=True))
     assert float(jnp.abs(per_input[:, 0] - per_input[:, 2]).max()) > 1e-3
     never = SA.stain_augment(key, x, SA.StainAugmentConfig(method=method, prob=0.0))

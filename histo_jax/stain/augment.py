@@ -78,8 +78,15 @@ def stain_augment(key: jax.Array, images: jax.Array, cfg: StainAugmentConfig) ->
                                    maxval=1 + cfg.hed_alpha)
         beta = jax.random.uniform(k_2, draws + (3,), minval=-cfg.hed_beta, maxval=cfg.hed_beta)
         alpha, beta = jnp.where(apply, alpha, 1.0), jnp.where(apply, beta, 0.0)
-        conc = colour.od_to_concentrations(colour.rgb_to_od(images))
-        out = colour.od_to_rgb(colour.concentrations_to_od(conc * expand(alpha) + expand(beta)))
+        # OD' = ((OD M^-1) * alpha + beta) M = OD (M^-1 diag(alpha) M) + beta M: one 3 x 3 map
+        # per draw, written as channel sums so that log, map and exp fuse into one pass.
+        m = jnp.asarray(colour.RGB_FROM_HED, jnp.float32)
+        m_inv = jnp.asarray(colour.HED_FROM_RGB, jnp.float32)
+        mix = jnp.einsum("kj,bnj,jc->bnkc", m_inv, alpha, m)[:, :, None, None]   # (B,n,1,1,3,3)
+        shift = expand(beta @ m)
+        od = colour.rgb_to_od(images)
+        od = sum(od[..., k:k + 1] * mix[..., k, :] for k in range(3)) + shift
+        out = colour.od_to_rgb(od)
     else:
         shift = jax.random.normal(k_1, draws + (3,)) * jnp.asarray(cfg.lab_mean, jnp.float32)
         scale = jnp.clip(1 + jax.random.normal(k_2, draws + (3,))
