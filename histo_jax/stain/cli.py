@@ -88,8 +88,10 @@ def _is_slide(path: str) -> bool:
     import openslide  # noqa: PLC0415 - tiled pyramidal TIFF (a slide) or a plain image
 
     try:
-        return openslide.OpenSlide.detect_format(path) is not None and \
-            openslide.OpenSlide(path).level_count > 1
+        if openslide.OpenSlide.detect_format(path) is None:
+            return False
+        with openslide.OpenSlide(path) as osr:  # closed: no handle left open per reference
+            return osr.level_count > 1
     except openslide.OpenSlideError:
         return False
 
