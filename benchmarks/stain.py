@@ -4,7 +4,10 @@
   H&E-like demo crops at ``--size`` px: numpy, one image at a time (what ``stain apply`` and
   ``extract --stain`` do per crop), and JAX, one jitted batch of ``--batch`` images (what the
   train and eval steps do), images/s;
-* ``augment``: HED and LAB jitter (``histo_jax.stain.augment``), one jitted batch, images/s.
+* ``augment``: HED and LAB jitter (``histo_jax.stain.augment``), one jitted batch, images/s;
+* ``augment_in_reference``: the reference augmentation (``histo_jax.data.augment.
+  augment_batch``, 4 inputs, the uint8 batch of the train step) without and with each
+  stain jitter, seconds a batch and the jitter's added seconds.
 
 Prints one JSON line per measurement (median of ``--rounds``). Its cost inside the full
 train step: ``benchmarks/train_step.py --modes train_aug --data_set
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from histo_jax.data import augment as ref_augment
 from histo_jax.data import demo
 from histo_jax.stain import augment, normalize
 
@@ -74,6 +78,20 @@ def main():
         print(json.dumps({"stage": "augment", "method": method, "backend": "jax",
                           "images_per_s": round(len(imgs) / t, 1),
                           "batch_seconds": round(t, 4)}), flush=True)
+    # Inside the reference augmentation (what the train step runs), 4 inputs per sample.
+    u8 = jnp.asarray(imgs[: a.batch // 4 * 4].reshape((-1, 4) + imgs.shape[1:]))
+    seconds = {}
+    for method in ("none", "hed", "lab"):
+        cfg = ref_augment.AugmentConfig(color_jitter=((0.3, 0.3, 0.3, 0.1),) * 4,
+                                        erasing_prob=(0.3,) * 4,
+                                        stain=augment.StainAugmentConfig(method=method))
+        fn = jax.jit(lambda k, v: ref_augment.augment_batch(k, v, cfg))  # noqa: B023
+        seconds[method] = _timed(lambda: fn(jax.random.PRNGKey(0), u8), a.rounds)  # noqa: B023
+        print(json.dumps({"stage": "augment_in_reference", "method": method,
+                          "images": int(u8.shape[0] * 4),
+                          "batch_seconds": round(seconds[method], 4),
+                          "added_seconds": round(seconds[method] - seconds["none"], 4)}),
+              flush=True)
 
 
 if __name__ == "__main__":

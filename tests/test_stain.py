@@ -287,6 +287,24 @@ def test_stain_augmentation_leaves_the_reference_draws_unchanged():
     assert float(jnp.abs(A.augment_batch(key, x, only) - x / 255.0).mean()) > 1e-3
 
 
+@pytest.mark.parametrize("method,rotation", [("hed", 15.0), ("hed", 0.0), ("lab", 15.0)])
+def test_stain_map_inside_the_augmentation_equals_stain_first(method, rotation):
+    """The fast path (the stain map on the gathered pixels, after flips and rotation) equals
+    the plain semantics: stain jitter on the unaugmented batch, then the reference
+    augmentation."""
+    x = (_images() * 255).astype(jnp.uint8)
+    hed = SA.StainAugmentConfig(method=method, hed_alpha=0.3, hed_beta=0.1)
+    kw = dict(color_jitter=((0.3, 0.3, 0.3, 0.1),) * 3, erasing_prob=(0.3,) * 3,
+              rotation_degrees=rotation)
+    key = jax.random.PRNGKey(5)
+    fast = jax.jit(A.augment_batch, static_argnums=2)(key, x, A.AugmentConfig(stain=hed, **kw))
+    first = SA.stain_augment(jax.random.fold_in(key, A.STAIN_KEY), x / 255.0, hed)
+    plain = jax.jit(A.augment_batch, static_argnums=2)(key, first, A.AugmentConfig(**kw))
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), atol=2e-5)
+    assert float(jnp.abs(fast - jax.jit(A.augment_batch, static_argnums=2)(
+        key, x, A.AugmentConfig(**kw))).mean()) > 1e-3  # and it does change the images
+
+
 def test_stain_augment_config_checks_and_from_config():
     from histo_jax.data.config import get_data_config
 

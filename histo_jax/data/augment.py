@@ -5,7 +5,7 @@ The Grain pipeline delivers uint8 batches ``(B, N, H, W, 3)``; the trainer calls
 so a resumed run draws exactly the same augmentations) and :func:`preprocess` in both
 train and eval steps.
 
-:func:`augment_batch` reproduces the reference's torchvision pipeline (SPEC §2) on
+:func:`augment_batch` reproduces the reference's torchvision pipeline (docs/reference.md §2) on
 every image independently -- a fresh draw per sample AND per input -- in this order:
 
 1. ``RandomHorizontalFlip(p)``, ``RandomVerticalFlip(p)``;
@@ -28,9 +28,11 @@ With ``shared_geometry`` the flip and rotation draws are shared by the inputs of
 sample (colour, blur and erasing stay independent).
 
 Stain augmentation (``stain``: HED or LAB jitter, ``histo_jax/stain/augment.py``; off in
-the reference) runs first, on the unaugmented images, with its own key
+the reference) acts as if it ran first, on the unaugmented images, with its own key
 (``fold_in(key, STAIN_KEY)``), so the reference draws are the same with it on or off; it
-runs even when the reference augmentation is disabled.
+runs even when the reference augmentation is disabled. Both are per-pixel maps (drawn per
+image, LAB's from the image's statistics), applied after the flips and rotation, on the
+gathered pixels: the same result as applying them first, with no float copy of the batch.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histo_jax.stain.augment import StainAugmentConfig, stain_augment
+from histo_jax.stain import augment as stain_aug
+from histo_jax.stain.augment import StainAugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,8 +131,13 @@ class AugmentConfig:
 # ----------------------------------------------------------------------------- ops
 # Every op works on one float32 image (H, W, 3) in [0, 1].
 
-def rotate_nearest(img: jax.Array, angle_deg: jax.Array) -> jax.Array:
-    """torchvision ``rotate(img, angle, NEAREST, fill=0)``: counter-clockwise about the centre."""
+def rotate_nearest(img: jax.Array, angle_deg: jax.Array, pixel_map=None) -> jax.Array:
+    """torchvision ``rotate(img, angle, NEAREST, fill=0)``: counter-clockwise about the centre.
+
+    ``pixel_map`` (optional, per-pixel colour map) is applied to the gathered pixels before
+    the fill: ``rotate_nearest(f(img)) == rotate_nearest(img, pixel_map=f)`` for any
+    per-pixel ``f``, in one pass over the output.
+    """
     h, w = img.shape[:2]
     theta = jnp.deg2rad(angle_deg)
     cos, sin = jnp.cos(theta), jnp.sin(theta)
@@ -140,6 +148,8 @@ def rotate_nearest(img: jax.Array, angle_deg: jax.Array) -> jax.Array:
     iy = jnp.round(sin * xs + cos * ys + (h - 1) * 0.5).astype(jnp.int32)
     valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
     out = img[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
+    if pixel_map is not None:
+        out = pixel_map(out)
     return jnp.where(valid[..., None], out, 0.0)
 
 
@@ -285,14 +295,23 @@ def random_erasing(key: jax.Array, img: jax.Array, prob: jax.Array,
 
 # ----------------------------------------------------------------------------- pipeline
 
-def _augment_image(img, geo_key, app_key, jitter, erase_prob, cfg: AugmentConfig):
+def _augment_image(img, geo_key, app_key, jitter, erase_prob, cfg: AugmentConfig, pixel_map=None):
+    """One image: flips, rotation, colour jitter, blur, erasing.
+
+    ``pixel_map`` (the HED stain jitter; default: the uint8 -> [0, 1] conversion) is applied
+    right after the geometry, on the gathered pixels: equal to applying it first, since a
+    per-pixel map commutes with flips and nearest rotation.
+    """
     k_h, k_v, k_rot = jax.random.split(geo_key, 3)
     k_color, k_blur, k_erase = jax.random.split(app_key, 3)
+    pixel_map = pixel_map or _to_unit_float  # uint8 -> [0, 1] on the gathered pixels
     img = jnp.where(jax.random.bernoulli(k_h, cfg.hflip_prob), img[:, ::-1], img)
     img = jnp.where(jax.random.bernoulli(k_v, cfg.vflip_prob), img[::-1], img)
     if cfg.rotation_degrees:
         d = cfg.rotation_degrees
-        img = rotate_nearest(img, jax.random.uniform(k_rot, (), minval=-d, maxval=d))
+        img = rotate_nearest(img, jax.random.uniform(k_rot, (), minval=-d, maxval=d), pixel_map)
+    else:
+        img = pixel_map(img)
     img = color_jitter(k_color, img, jitter)
     if cfg.blur_kernel > 1:
         sigma = jax.random.uniform(k_blur, (), minval=cfg.blur_sigma[0], maxval=cfg.blur_sigma[1])
@@ -322,25 +341,30 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.
             f"augment_batch: images have {num_inputs} inputs but the AugmentConfig holds "
             f"parameters for {cfg.num_inputs}; build it with AugmentConfig.from_config(cfg, "
             f"{num_inputs}).")
-    x = _to_unit_float(images)
-    if cfg.stain.enabled:
-        x = stain_augment(jax.random.fold_in(key, STAIN_KEY), x, cfg.stain)
+    stain = cfg.stain.enabled
+    stain_params = (stain_aug.draw(jax.random.fold_in(key, STAIN_KEY), images, cfg.stain)
+                    if stain else None)
     if not cfg.enabled:
-        return x
+        return stain_aug.apply_map(images, stain_params) if stain else _to_unit_float(images)
     jitter = jnp.asarray(cfg.color_jitter[:num_inputs], jnp.float32)
     erase_p = jnp.asarray(cfg.erasing_prob[:num_inputs], jnp.float32)
+    b = images.shape[0]
 
-    def per_sample(sample_key, sample):
+    def per_sample(sample_key, sample, params):
         k_shared, k_inputs = jax.random.split(sample_key)
         keys = jax.random.split(k_inputs, num_inputs)
         geo_keys, app_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
         if cfg.shared_geometry:
             geo_keys = jnp.stack([k_shared] * num_inputs)
-        fn = lambda img, gk, ak, j, p: _augment_image(img, gk, ak, j, p, cfg)  # noqa: E731
-        return jax.vmap(fn)(sample, geo_keys, app_keys, jitter, erase_p)
 
-    sample_keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(per_sample)(sample_keys, x)
+        def fn(img, gk, ak, j, p, params):
+            # The stain jitter, a per-pixel map, runs on the gathered pixels (_augment_image).
+            pixel_map = (lambda px: stain_aug.apply_map(px, params)) if stain else None  # noqa: E731
+            return _augment_image(img, gk, ak, j, p, cfg, pixel_map)
+        return jax.vmap(fn)(sample, geo_keys, app_keys, jitter, erase_p, params)
+
+    sample_keys = jax.random.split(key, b)
+    return jax.vmap(per_sample)(sample_keys, images, stain_params)
 
 
 def preprocess(images: jax.Array, normalization: str = "none") -> jax.Array:
