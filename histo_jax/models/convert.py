@@ -283,51 +283,6 @@ def load_pretrained(model: MultiInputClassifier, spec: str) -> str:
     return load_state_dict(model, _read(path), str(path))
 
 
-def load_pytorch(path: str | os.PathLike, **model_overrides: Any
-                 ) -> MultiInputClassifier | EfficientNet:
-    """Load a PyTorch file into a histo_jax model in eval mode.
-
-    * a reference ``MultiInputModule`` checkpoint -> :class:`MultiInputClassifier` (N, number of
-      classes, embed_dim and ffn_dim inferred from the file): call on (B, N, H, W, 3) float32
-      images, returns ``(logits, attention)``;
-    * a torchvision / timm ``efficientnet_b0`` file -> :class:`EfficientNet`: call on
-      (B, H, W, 3) float32 images, returns pooled (B, 1280) features.
-
-    ``model_overrides`` are ``get_model_config()`` fields (e.g. ``dtype='bfloat16'``,
-    ``impl='plain'``, ``variant='tiny'``, ``bn_stats='joint'``).
-    """
-    from histo_jax.models.config import get_model_config
-    from histo_jax.models.fusion import build_model
-
-    sd = {k: v for k, v in _strip_module_prefix(_read(path)).items()}
-    fmt = detect_format(sd, str(path))
-    cfg = get_model_config()
-    unknown = sorted(set(model_overrides) - set(cfg.keys()))
-    if unknown:
-        raise TypeError(f"load_pytorch: unknown model fields {unknown}; valid: {sorted(cfg)}.")
-    if fmt == "reference":
-        idx = {int(m.group(1)) for k in sd if (m := re.match(r"attention_layers\.(\d+)\.", k))}
-        if not idx:
-            raise WeightImportError(f"{path}: MultiInputModule checkpoint without "
-                                    "attention_layers.* keys.")
-        for field, key, axis in (("num_classes", "classifier.4.weight", 0),
-                                 ("embed_dim", "proj.weight", 0), ("ffn_dim", "ffn.0.weight", 0)):
-            if key in sd:
-                cfg[field] = int(np.shape(sd[key])[axis])
-        cfg.update(model_overrides)
-        cfg.pretrained = "none"
-        model = build_model(cfg, max(idx) + 1, nnx.Rngs(params=0))
-    else:
-        cfg.update(model_overrides)
-        model = EfficientNet(
-            variant=cfg.variant, width_mult=cfg.width_mult, depth_mult=cfg.depth_mult,
-            stochastic_depth=cfg.stochastic_depth, impl=cfg.impl, bn_eps=cfg.bn_eps,
-            bn_momentum=cfg.bn_momentum, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(params=0))
-    load_state_dict(model, sd, str(path))
-    model.eval()
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Deterministic synthetic weights / inputs shared with scripts/make_parity_reference.py.
 
@@ -379,5 +334,5 @@ def synthetic_images(shape: tuple, seed: int) -> np.ndarray:
 
 __all__: list[str] = [
     "FORMATS", "WeightImportError", "detect_format", "export_state_dict", "load_encoder_weights",
-    "load_pretrained", "load_pytorch", "load_state_dict", "name_table", "synthetic_images",
+    "load_pretrained", "load_state_dict", "name_table", "synthetic_images",
     "synthetic_state_dict", "torch_shapes"]

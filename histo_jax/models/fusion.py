@@ -1,6 +1,6 @@
 """Multi-input classifier: shared EfficientNet encoder + per-input cross-attention fusion.
 
-Reimplements the reference ``MultiInputModule`` (SPEC section 3) with PyTorch semantics:
+Reimplements the reference ``MultiInputModule`` (docs/reference.md §3) with PyTorch semantics:
 
 * the encoder runs ONCE over all B * N crops (inputs folded into the batch axis, b-major).
   In training its BatchNorms normalise each input with that input's own statistics and
@@ -24,11 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from histo_jax.models import layers
-from histo_jax.models.config import BN_STATS, DTYPES
+from histo_jax.models.config import BN_STATS
 from histo_jax.models.efficientnet import EfficientNet, _check_images
 
 
@@ -146,36 +145,3 @@ class MultiInputClassifier(nnx.Module):
         z = jax.nn.relu(self.fc1(self._drop(z, rngs)))
         logits = self.fc2(self._drop(z, rngs))
         return logits.astype(jnp.float32), jnp.stack(attn, axis=1).astype(jnp.float32)
-
-
-def build_model(model_cfg: ml_collections.ConfigDict, num_inputs: int,
-                rngs: nnx.Rngs) -> MultiInputClassifier:
-    """Build the classifier from ``get_model_config()`` fields; load ``model_cfg.pretrained``.
-
-    ``pretrained``: 'none', 'imagenet' (torchvision IMAGENET1K_V1 encoder weights, downloaded
-    and cached by :mod:`histo_jax.models.pretrained`) or a path to a PyTorch file (a backbone in
-    torchvision or timm names, or a full reference ``MultiInputModule`` checkpoint).
-    The model is returned in train mode (call ``.eval()`` for inference).
-    """
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"model.dtype {model_cfg.dtype!r} is not supported; use one of {DTYPES}.")
-    dtype = jnp.dtype(model_cfg.dtype)
-    # .get: configs saved before these fields existed (run workdirs of earlier versions).
-    encoder = EfficientNet(
-        variant=model_cfg.variant, width_mult=model_cfg.width_mult,
-        depth_mult=model_cfg.depth_mult, stochastic_depth=model_cfg.stochastic_depth,
-        impl=model_cfg.get("impl", "auto"), bn_eps=model_cfg.bn_eps,
-        bn_momentum=model_cfg.bn_momentum, dtype=dtype,
-        remat=bool(model_cfg.remat), rngs=rngs)
-    model = MultiInputClassifier(
-        num_inputs, encoder=encoder, embed_dim=model_cfg.embed_dim,
-        num_heads=model_cfg.num_heads, ffn_dim=model_cfg.ffn_dim, dropout=model_cfg.dropout,
-        attn_dropout=model_cfg.attn_dropout, num_classes=model_cfg.num_classes,
-        ln_eps=model_cfg.ln_eps, bn_stats=model_cfg.get("bn_stats", "per_input"), dtype=dtype,
-        rngs=rngs)
-    pretrained = str(model_cfg.get("pretrained", "none") or "none")
-    if pretrained != "none":
-        from histo_jax.models import convert  # local import: convert imports this module
-        convert.load_pretrained(model, pretrained)
-    model.train()
-    return model
