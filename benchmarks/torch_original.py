@@ -1,14 +1,14 @@
 """The original project's training procedure in PyTorch, for end-to-end timing.
 
 Torch-only (torch, torchvision, Pillow, numpy; no JAX, no histo_jax imports). It runs
-``--epochs`` epochs the way the original does (SPEC sections 1, 2 and 4):
+``--epochs`` epochs the way the original does (docs/reference.md §1, §2 and §4):
 
 * a Dataset that decodes each sample's full-size PNG crops on every access, resizes them
   to 224 (bilinear, antialiased), scales to [0, 1] and, in training, applies the per-input
   torchvision augmentation (flips, rotation, ColorJitter, GaussianBlur, RandomErasing, clamp);
 * a ``DataLoader`` with ``--workers`` worker processes and a ``WeightedRandomSampler``
   (balanced class weights, with replacement, one epoch = len(train) draws);
-* the reference model and step (``torch_reference``: weighted CE, clip 1.0, Adam, OneCycle);
+* the reference model and step (``reference/torch_model.py``: weighted CE, clip 1.0, Adam, OneCycle);
 * after each epoch, validation macro-F1, keeping the best weights; at the end, the test
   macro-F1 of the best weights.
 
@@ -24,13 +24,16 @@ import copy
 import csv
 import json
 import os
+import pathlib
+import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-import torch_reference
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from reference import torch_model  # noqa: E402
 
 SCALES = ("high_mag_1024", "high_mag_2048", "high_mag_512", "high_mag_256")
 JITTER = ((0.3, 0.3, 0.3, 0.1), (0.4, 0.4, 0.4, 0.2), (0.35, 0.35, 0.35, 0.15),
@@ -43,7 +46,7 @@ class OriginalDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_dir: str, filenames: list[str], labels: list[int], num_inputs: int,
                  train: bool, size: int = 224):
-        tv = torch_reference.import_torchvision()
+        tv = torch_model.import_torchvision()
         T = tv.transforms
         self.data_dir, self.filenames, self.labels = data_dir, filenames, labels
         self.scales, self.size, self.train = SCALES[:num_inputs], size, train
@@ -61,7 +64,7 @@ class OriginalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         crops = []
         for k, scale in enumerate(self.scales):
-            # labels.csv names samples without the extension (SPEC section 1).
+            # labels.csv names samples without the extension (docs/reference.md §1).
             with Image.open(os.path.join(self.data_dir, scale, self.filenames[i] + ".png")) as im:
                 x = self.resize(self.to_tensor(im.convert("RGB")))
             if self.train:
@@ -125,9 +128,9 @@ def main() -> None:
     val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
     test_loader = torch.utils.data.DataLoader(test_ds, shuffle=False, **loader_kw)
 
-    model = torch_reference.MultiInputModule(a.inputs)
+    model = torch_model.MultiInputModule(a.inputs)
     steps_per_epoch = len(train_loader)
-    step = torch_reference.make_train_step(
+    step = torch_model.make_train_step(
         model, torch.tensor(class_w, dtype=torch.float32),
         (a.schedule_epochs or a.epochs) * steps_per_epoch)
     setup_s = time.perf_counter() - t_start

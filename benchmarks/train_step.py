@@ -12,7 +12,7 @@ and times it, so that every configuration gets its own peak memory:
 fields side by side (two alternating JAX workers) and emits their step-time ratio: the cost
 of stain augmentation in the trainer's step.
 
-With ``--torch`` a PyTorch worker (``benchmarks/torch_reference.py``: the original model and
+With ``--torch`` a PyTorch worker (``reference/torch_model.py``: the original model and
 step: weighted CE, backward, ``clip_grad_norm_(1.0)``, Adam, OneCycleLR; ``--torch_threads``
 threads) runs beside each JAX ``train`` / ``eval`` worker. Both stay alive and their timed
 steps ALTERNATE (jax, torch, jax, torch ... for ``--rounds`` rounds of ``--steps`` steps), so
@@ -190,14 +190,15 @@ def jax_worker(a: argparse.Namespace) -> None:
 
 def torch_worker(a: argparse.Namespace) -> None:
     """Builds the PyTorch reference model and step for (N, mode), then serves timed steps."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
     import torch
-    import torch_reference
+
+    from reference import torch_model
 
     torch.set_num_threads(a.torch_threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = torch_reference.MultiInputModule(a.n)
+    model = torch_model.MultiInputModule(a.n)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     images = torch.rand((a.batch, a.n, 3, a.size, a.size), generator=gen)
@@ -209,7 +210,7 @@ def torch_worker(a: argparse.Namespace) -> None:
             with torch.inference_mode():
                 model(images)
     else:
-        step = torch_reference.make_train_step(model, torch.tensor(CLASS_WEIGHTS), TOTAL_STEPS)
+        step = torch_model.make_train_step(model, torch.tensor(CLASS_WEIGHTS), TOTAL_STEPS)
 
         def call():
             step(images, labels)

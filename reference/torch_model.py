@@ -1,11 +1,15 @@
-"""The original PyTorch model (SPEC section 3) and its training step, for side-by-side numbers.
+"""The original PyTorch model and its training step: the one home of the reference in torch.
 
-Torch-only (no JAX import), so that a benchmark worker measures PyTorch's own memory.
+Imported by the benchmarks (``benchmarks/train_step.py --torch``,
+``benchmarks/torch_original.py``) and by the fixture scripts (``scripts/
+make_parity_reference.py``). Torch-only (no JAX import), so that a benchmark worker measures
+PyTorch's own memory. ``docs/reference.md`` describes the behaviour in words.
 ``MultiInputModule`` is the reference classifier: torchvision ``efficientnet_b0().features``
 (shared, called once per input), a shared Linear(1280 -> 128), one ``nn.MultiheadAttention``
 per input, shared LayerNorms / FFN and the dropout-MLP classifier. ``make_train_step`` is the reference
 optimisation step: weighted cross-entropy, backward, ``clip_grad_norm_(1.0)``, Adam,
-``OneCycleLR`` stepped per batch.
+``OneCycleLR`` stepped per batch. ``Encoder`` is the trunk alone (torchvision or timm names)
+with global average pooling, for the encoder parity fixtures.
 
 torchvision's compiled ops are missing beside some CPU torch builds; :func:`import_torchvision`
 declares the two it needs at import time so that the pure-Python models load.
@@ -29,7 +33,7 @@ def import_torchvision():
 
 
 class MultiInputModule(nn.Module):
-    """The reference PyTorch model (SPEC section 3); ``forward(x (B, N, 3, H, W))``."""
+    """The reference PyTorch model (docs/reference.md); ``forward(x (B, N, 3, H, W))``."""
 
     def __init__(self, num_inputs: int, num_classes: int = 2, embed: int = 128, heads: int = 8,
                  ffn: int = 512, dropout: float = 0.5):
@@ -52,7 +56,7 @@ class MultiInputModule(nn.Module):
     def forward(self, x):  # x: (B, N, 3, H, W)
         # The shared backbone runs once per input, in input order, as in the original: in
         # training every BatchNorm normalises input i with its own batch statistics and
-        # updates its running averages N times per step (SPEC section 3).
+        # updates its running averages N times per step (docs/reference.md §3).
         feats = [self.pool(self.feature_extractor(x[:, i])).flatten(1) for i in range(x.shape[1])]
         tokens = self.proj(torch.stack(feats, dim=1))                     # (B, N, E)
         fused, attn = [], []
@@ -64,6 +68,27 @@ class MultiInputModule(nn.Module):
             fused.append(h[:, 0])
             attn.append(w[:, 0])
         return self.classifier(torch.cat(fused, dim=1)), torch.stack(attn, dim=1)
+
+
+class Encoder(nn.Module):
+    """A torchvision or timm EfficientNet-B0 trunk + global average pooling (timm imported
+    only for ``kind='timm'``)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        if kind not in ("torchvision", "timm"):
+            raise ValueError(f"Encoder kind must be 'torchvision' or 'timm'; got {kind!r}.")
+        self.kind = kind
+        if kind == "torchvision":
+            self.net = import_torchvision().models.efficientnet_b0()
+        else:
+            import timm
+            self.net = timm.create_model("efficientnet_b0", pretrained=False)
+
+    def forward(self, x):
+        if self.kind == "torchvision":
+            return self.net.avgpool(self.net.features(x)).flatten(1)
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
 
 def make_train_step(model: nn.Module, class_weights: torch.Tensor, total_steps: int,

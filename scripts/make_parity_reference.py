@@ -7,7 +7,7 @@ shapes and PyTorch outputs are stored (about 0.5 MB, most of it the BatchNorm st
 
 Cases (full-size EfficientNet-B0):
   * ``ref_n1`` / ``ref_n4``: the reference ``MultiInputModule`` (torchvision
-    ``efficientnet_b0().features`` + the fusion head of SPEC section 3, written below), eval
+    ``efficientnet_b0().features`` + the fusion head of docs/reference.md §3, written below), eval
     mode, N = 1 and N = 4 -> logits and attention;
   * ``enc_tv`` / ``enc_timm``: the encoder alone with torchvision and timm names, eval mode ->
     pooled 1280-d features;
@@ -51,11 +51,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from benchmarks.torch_reference import (MultiInputModule, import_torchvision,  # noqa: E402
-                                        make_train_step)
+from reference.torch_model import (Encoder, MultiInputModule, import_torchvision,  # noqa: E402
+                                   make_train_step)
 
 torchvision = import_torchvision()
-import timm  # noqa: E402
 
 from histo_jax.models import convert  # noqa: E402
 import parity_step  # noqa: E402  (tests/parity_step.py)
@@ -67,23 +66,6 @@ CASES = {  # name: (weight seed, batch, num_inputs, image size)
     "enc_timm": (11, 2, 0, 224),
 }
 IMAGE_SEED_OFFSET = 1000
-
-
-class Encoder(nn.Module):
-    """A torchvision or timm EfficientNet-B0 trunk + global average pooling."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-        if kind == "torchvision":
-            self.net = torchvision.models.efficientnet_b0()
-        else:
-            self.net = timm.create_model("efficientnet_b0", pretrained=False)
-
-    def forward(self, x):
-        if self.kind == "torchvision":
-            return self.net.avgpool(self.net.features(x)).flatten(1)
-        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
 
 def _fill(module: nn.Module, jax_shapes: dict, seed: int, skip_classifier: bool) -> dict:
