@@ -30,10 +30,13 @@ def _direct(data_dir, scales, name, size):
     return np.stack(out)
 
 
-def test_round_trip_reuse_and_rebuild(data_dir, tmp_path):
+def test_round_trip_reuse_and_rebuild(data_dir, tmp_path, capfd):
     cfg = _cfg(data_dir, tmp_path)
     logs = []
     src = sources.load_dataset(cfg, log=logs.append)
+    # Nothing is downloaded: TFDS's "Downloading and preparing dataset" line is not printed.
+    out = capfd.readouterr()
+    assert "Downloading" not in out.out + out.err and "downloaded" not in out.out + out.err
     assert isinstance(src, sources.PreparedSource) and not src.prepared.reused
     rows = datagen.read_rows(data_dir)
     assert len(src) == 20 and src.filenames == [r[0] for r in rows]

@@ -22,6 +22,7 @@ write: use ``histo_jax.data.prepare.prepare_dataset`` rather than building direc
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping, Sequence
 
@@ -31,6 +32,7 @@ import tensorflow_datasets as tfds
 from histo_jax.data.layout import IMAGE_SUFFIX, Sample, load_resized, ordered_imap
 
 SPLIT = "data"
+log = logging.getLogger(__name__)
 
 
 class HistoJaxDataset(tfds.core.GeneratorBasedBuilder):
@@ -57,6 +59,16 @@ class HistoJaxDataset(tfds.core.GeneratorBasedBuilder):
         self._preloaded = preloaded
         self._preloaded_rows = dict(preloaded_rows or {})
         super().__init__(**kwargs)
+
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    # to stdout; nothing is downloaded here (the records are written from local files), so
+    # these say what happens, through logging. prepare_dataset logs the result itself.
+    def _log_download_bytes(self) -> None:
+        log.info("Writing %d samples (%d scale(s) at %d px) as ArrayRecord to %s ...",
+                 len(self._samples), len(self._scales), self._image_size, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.debug("ArrayRecord records written to %s.", self.data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         k, s = len(self._scales), self._image_size
