@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import shutil
+import struct
 import time
 
 import numpy as np
@@ -49,8 +52,18 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray, num_classes: 
     return out
 
 
+ROW_FIELDS = ("step", "time", "epoch")  # the non-scalar keys of a metrics.jsonl row
+
+
 class MetricWriter:
-    """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (primary process only)."""
+    """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard event files (primary
+    process only).
+
+    ``metrics.jsonl`` is the record: a resumed run cuts it back to its checkpoint first.
+    The TensorBoard files are rebuilt from it when the writer opens (the folder is replaced
+    by a replay of the rows), so that after any number of kills and resumes they hold each
+    step once, as the log does, with the rows' own wall times.
+    """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -58,13 +71,26 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        rows = read_jsonl(path) if os.path.exists(path) else []
+        self._jsonl = open(path, "a", encoding="utf-8")
         if SummaryWriter is not None:
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            tb_dir = os.path.join(workdir, "tensorboard")
+            shutil.rmtree(tb_dir, ignore_errors=True)
+            self._tb = SummaryWriter(tb_dir)
+            for row in rows:
+                for k, v in row.items():
+                    if k not in ROW_FIELDS:
+                        self._tb.add_scalar(k, float(v), int(row["step"]), walltime=row["time"])
+            self._tb.flush()
 
     def write(self, step: int, scalars: dict, **fields) -> None:
         if not self.enabled:
             return
+        unknown = set(fields) - set(ROW_FIELDS)
+        if unknown:
+            raise ValueError(f"MetricWriter.write: unknown row fields {sorted(unknown)}; "
+                             f"rows carry {ROW_FIELDS} besides scalars.")
         row = {"step": int(step), "time": time.time(), **fields}
         for k, v in scalars.items():
             v = float(v)
@@ -85,3 +111,25 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_tensorboard_scalars(logdir: str) -> list[tuple[str, int, float]]:
+    """Every scalar of the TensorBoard event files in ``logdir``, as (tag, step, value), in
+    file and write order (TFRecord framing read directly; needs only tensorboardX's protos)."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            record = data[pos + 12:pos + 12 + length]  # skip the length's CRC
+            pos += 12 + length + 4                     # and the record's
+            if len(record) < length:
+                break  # a record cut short by a kill
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                out.append((value.tag, int(event.step), float(value.simple_value)))
+    return out

@@ -48,6 +48,14 @@ def assert_same_run(wd, trained_run):
         keys = sorted(set(a) - TIMING_KEYS - {"step", "epoch"})
         np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-6,
                                    err_msg=f"step {a['step']}")
+    # TensorBoard: each (tag, step) once, the same scalars as the uninterrupted run's.
+    tb, tb_ref = (metrics.read_tensorboard_scalars(os.path.join(d, "tensorboard"))
+                  for d in (wd, trained_run["workdir"]))
+    pairs = [(tag, step) for tag, step, _ in tb if tag not in TIMING_KEYS]
+    assert len(pairs) == len(set(pairs)) and len(pairs) > 20
+    assert pairs == [(tag, step) for tag, step, _ in tb_ref if tag not in TIMING_KEYS]
+    np.testing.assert_allclose([v for t, _, v in tb if t not in TIMING_KEYS],
+                               [v for t, _, v in tb_ref if t not in TIMING_KEYS], rtol=1e-6)
 
 
 def _copy(config):
