@@ -1,4 +1,4 @@
-"""The trainer: one run = one (num_inputs, run, seed) of the study, SPEC §4.
+"""The trainer: one run = one (num_inputs, run, seed) of the study, docs/reference.md §4.
 
 ``train_and_evaluate(config, workdir)`` claims the workdir (one process at a time, and only
 for the run whose identity it holds: ``histo_jax.workdir``), validates and prepares the
@@ -6,6 +6,21 @@ data, splits it by ``num_id``, trains with the reference procedure (weighted sam
 replacement, weighted cross-entropy, Adam + OneCycle, clipping, early stopping on
 validation macro-F1), checkpoints so that rerunning the same command resumes exactly, and
 tests the best weights.
+
+Outline (top-down, as the Flax ImageNet example's ``train_and_evaluate``)::
+
+    train_and_evaluate  claim the workdir; a finished run returns its result
+      _train
+        setup_run        data (checked, split), model, optimizer, jitted steps -> Run, state
+        resume_or_start  latest checkpoint (state, LoopState, data stream) or a fresh start
+        while epochs remain and not stopped early:
+          train_epoch    steps, NaN guard, step scalars, mid-epoch checkpoints
+          validate_epoch validation macro-F1, best weights, early stopping
+          save_latest    the checkpoint a rerun resumes from
+        test_best        test metrics of the best weights, outputs, metrics.json (last)
+
+``Run`` holds what the run is built from (fixed after set-up); the train state and the typed
+``LoopState`` are the only state the loop changes, and both are checkpointed.
 
 Workdir contents: ``identity.json`` (what the results are computed from), ``run.lock``,
 ``config.json`` (resolved config), ``splits.json``, ``metrics.jsonl`` (scalars as JSON
@@ -18,6 +33,7 @@ last), ``test_predictions.csv`` and the pictures (``training_curves.png``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -25,6 +41,7 @@ import math
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -264,13 +281,86 @@ def _truncate_log(path: str, size: int) -> None:
                     "some of its rows are missing.", path, current, size)
 
 
+@dataclasses.dataclass
+class Run:
+    """What one run is built from: made once by :func:`setup_run`, read by the loop functions.
+
+    The loop's state lives elsewhere: the train state (params, optimizer, step) and the
+    typed :class:`~histo_jax.checkpointing.LoopState`, both saved with every checkpoint.
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    data_cfg: ml_collections.ConfigDict
+    mesh: Any
+    ckpt: checkpointing.Checkpoints
+    source: Any
+    split: dict
+    class_weights: np.ndarray
+    steps_per_epoch: int
+    train_step: "CompiledOnFirstCall"
+    eval_step: Any
+    base_key: jax.Array
+    lr_schedule: Any
+    stain: Any
+    val_loader: Any
+    loader_kw: dict
+    writer: MetricWriter | None = None
+
+    @property
+    def primary(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.workdir, "metrics.jsonl")
+
+    def write_scalars(self, step: int, scalars: dict, **fields) -> None:
+        with workdir_lib.writing("the metrics log", self.metrics_path):
+            self.writer.write(step, scalars, **fields)
+
+    def train_loader(self, start_step: int):
+        return iter(pipeline.make_train_loader(
+            self.source, self.split["train"], global_batch_size=self.config.batch_size,
+            seed=self.config.seed, num_workers=self.data_cfg.num_workers,
+            start_step=start_step, **self.loader_kw))
+
+
+class CompiledOnFirstCall:
+    """A jitted step compiled ahead of its first call (on that call's arguments), so that the
+    compiler's freed memory goes back to the system before the step allocates its own."""
+
+    def __init__(self, jitted):
+        self.jitted, self.compiled = jitted, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+            hostenv.release_free_memory()
+        return self.compiled(*args)
+
+
 def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
+    """The run, top-down: set-up, resume, the epochs (train, validate, stop early), test."""
+    run, state = setup_run(config, workdir, data_cfg, identity, mesh, ckpt)
+    state, loop, train_iter = resume_or_start(run, state)
+    with workdir_lib.writing("the metrics log", run.metrics_path):
+        run.writer = MetricWriter(workdir, enabled=run.primary)
+    cleanup.callback(_close_quietly, run.writer)
+    log.info("Training %d inputs for up to %d epochs x %d steps (batch %d over %d devices, "
+             "%d process(es)).", config.num_inputs, config.num_epochs, run.steps_per_epoch,
+             config.batch_size, jax.device_count(), jax.process_count())
+    while loop.epoch < config.num_epochs and not loop.stopped_early:
+        state, train_seconds = train_epoch(run, state, loop, train_iter)
+        validate_epoch(run, state, loop, train_seconds)
+        save_latest(run, state, loop, train_iter)
+    return test_best(run, state, loop)
+
+
+def setup_run(config, workdir, data_cfg, identity, mesh, ckpt) -> tuple[Run, Any]:
+    """Data (loaded, checked, split), model, optimizer, the jitted steps; the initial state."""
     primary = jax.process_index() == 0
     setup_compilation_cache(config)
-    done_file = os.path.join(workdir, METRICS_FILE)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-
-    # ---- Data -------------------------------------------------------------------------------
     n_in = config.num_inputs
     source = primary_first(lambda: sources.load_dataset(data_cfg, log=log.info), "data prepared")
     on_primary(lambda: _check_data(source, identity, data_cfg.dir), "data check")
@@ -280,15 +370,13 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
         splits_path = os.path.join(workdir, "splits.json")
         with workdir_lib.writing("the splits", splits_path):
             splits_lib.save_splits(splits_path, split, source.num_ids, source.filenames)
-    num_classes = config.model.num_classes
-    weights = class_weights(source.labels[split["train"]], num_classes)
+    weights = class_weights(source.labels[split["train"]], config.model.num_classes)
     log.info("Data: %s | %d train, %d val, %d test samples | class weights %s",
              data_cfg.dir, len(split["train"]), len(split["val"]), len(split["test"]),
              np.round(weights, 4).tolist())
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(split["train"]) / config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
 
-    # ---- Model, optimizer, steps --------------------------------------------------------------
     model = build_model(config.model, n_in, nnx.Rngs(params=config.seed))
     graphs, params, batch_stats = steps.split_model(model)
     tx = optim.make_optimizer(config.optimizer, total_steps)
@@ -312,172 +400,173 @@ def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
     eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization, stain),
                         in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
                         compiler_options=copts)
-    base_key = jax.device_put(jax.random.PRNGKey(config.seed), repl)
-    lr_schedule, _ = optim.make_schedules(config.optimizer, total_steps)
-
     loader_kw = dict(num_inputs=n_in, process_index=jax.process_index(),
                      process_count=jax.process_count())
-
-    def train_loader(start_step: int):
-        return iter(pipeline.make_train_loader(
-            source, split["train"], global_batch_size=config.batch_size, seed=config.seed,
-            num_workers=data_cfg.num_workers, start_step=start_step, **loader_kw))
     # Evaluation reads prepared (already resized, unaugmented) records: cheap enough in the
     # main process, and re-iterating a multi-worker loader would restart its workers each epoch.
     val_loader = pipeline.make_eval_loader(
         source, split["val"], global_batch_size=config.eval_batch_size, num_workers=0, **loader_kw)
+    run = Run(config=config, workdir=workdir, data_cfg=data_cfg, mesh=mesh, ckpt=ckpt,
+              source=source, split=split, class_weights=weights, steps_per_epoch=steps_per_epoch,
+              train_step=CompiledOnFirstCall(train_step), eval_step=eval_step,
+              base_key=jax.device_put(jax.random.PRNGKey(config.seed), repl),
+              lr_schedule=optim.make_schedules(config.optimizer, total_steps)[0], stain=stain,
+              val_loader=val_loader, loader_kw=loader_kw)
+    return run, state
 
-    # ---- Resume -------------------------------------------------------------------------------
+
+def resume_or_start(run: Run, state) -> tuple[Any, checkpointing.LoopState, Any]:
+    """The latest checkpoint's train state, loop state and data stream, or a fresh start
+    (which clears the logs of an earlier start that saved nothing)."""
+    ckpt = run.ckpt
     restored = ckpt.restore_latest(state)
     if restored is None:
-        loop = checkpointing.LoopState()
-        train_iter = train_loader(0)
-        if primary:
-            _reset_logs(workdir)
-    else:
-        resumed_step, state, loop = restored
-        train_iter = train_loader(loop.data_start_step)
-        if not ckpt.restore_data_iter(resumed_step, train_iter):
-            # Global batch b is a pure function of (seed, b): a fresh stream at the resumed
-            # step gives the same batches (e.g. after a change of data.num_workers).
-            log.info("The training stream restarts at global batch %d.", resumed_step)
-            loop.data_start_step = resumed_step
-            train_iter = train_loader(resumed_step)
-        ckpt.drop_best_after(resumed_step)
-        if primary:
-            _truncate_log(metrics_path, loop.metrics_bytes)
-        log.info("Resumed from %s/%d (epoch %d).", ckpt.latest.directory, resumed_step,
-                 loop.epoch)
-    with workdir_lib.writing("the metrics log", metrics_path):
-        writer = MetricWriter(workdir, enabled=primary)
-    cleanup.callback(_close_quietly, writer)
+        if run.primary:
+            _reset_logs(run.workdir)
+        return state, checkpointing.LoopState(), run.train_loader(0)
+    resumed_step, state, loop = restored
+    train_iter = run.train_loader(loop.data_start_step)
+    if not ckpt.restore_data_iter(resumed_step, train_iter):
+        # Global batch b is a pure function of (seed, b): a fresh stream at the resumed
+        # step gives the same batches (e.g. after a change of data.num_workers).
+        log.info("The training stream restarts at global batch %d.", resumed_step)
+        loop.data_start_step = resumed_step
+        train_iter = run.train_loader(resumed_step)
+    ckpt.drop_best_after(resumed_step)
+    if run.primary:
+        _truncate_log(run.metrics_path, loop.metrics_bytes)
+    log.info("Resumed from %s/%d (epoch %d).", ckpt.latest.directory, resumed_step, loop.epoch)
+    return state, loop, train_iter
 
-    def write_scalars(step: int, scalars: dict, **fields) -> None:
-        with workdir_lib.writing("the metrics log", metrics_path):
-            writer.write(step, scalars, **fields)
 
-    compiled_step = None
-
-    def save_latest():
-        loop.metrics_bytes = os.path.getsize(metrics_path) if primary else 0
-        ckpt.save_latest(int(state.step), state, train_iter, loop)
-
-    # ---- Train --------------------------------------------------------------------------------
-    log.info("Training %d inputs for up to %d epochs x %d steps (batch %d over %d devices, "
-             "%d process(es)).", n_in, config.num_epochs, steps_per_epoch, config.batch_size,
-             jax.device_count(), jax.process_count())
-    while loop.epoch < config.num_epochs and not loop.stopped_early:
-        epoch = loop.epoch
-        bar = tqdm(total=steps_per_epoch * config.batch_size,
-                   initial=loop.step_in_epoch * config.batch_size,
-                   desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="samples",
-                   disable=not (config.progress and primary), leave=False)
-        t0 = time.time()
-        pending = []
-        stain_counts = [0, 0]  # images passed through unchanged, images seen (this process)
-        step = int(state.step)  # host copy: no device sync per step
-
-        def flush():
-            """Fetches pending step metrics: NaN guard, epoch sums, scalars."""
-            host = jax.device_get(pending)
+def train_epoch(run: Run, state, loop: checkpointing.LoopState, train_iter):
+    """The rest of the current epoch's steps (all of them unless resumed mid-epoch), with the
+    NaN guard, the step scalars and the mid-epoch checkpoints; returns the new state and the
+    seconds it took."""
+    config, epoch = run.config, loop.epoch
+    bar = tqdm(total=run.steps_per_epoch * config.batch_size,
+               initial=loop.step_in_epoch * config.batch_size,
+               desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="samples",
+               disable=not (config.progress and run.primary), leave=False)
+    t0 = time.time()
+    pending = []  # step metrics still on device
+    stain_counts = [0, 0]  # images passed through unchanged, images seen (this process)
+    step = int(state.step)  # host copy: no device sync per step
+    while loop.step_in_epoch < run.steps_per_epoch:
+        batch = parallel.global_batch(run.mesh, next(train_iter))
+        batch = {"images": batch["images"], "labels": batch["labels"]}
+        state, m = run.train_step(state, batch, run.base_key)
+        pending.append(m)
+        loop.step_in_epoch += 1
+        step += 1
+        bar.update(config.batch_size)
+        last_of_epoch = loop.step_in_epoch == run.steps_per_epoch
+        save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                    and not last_of_epoch)
+        if step % config.log_every_steps == 0 or last_of_epoch or save_now:
+            loss = _log_steps(run, loop, jax.device_get(pending), step, stain_counts)
             pending.clear()
-            for k, hm in enumerate(host):
-                if not np.isfinite(hm["loss"]):
-                    raise NonFiniteLossError(
-                        f"Non-finite training loss ({hm['loss']}) at step {step - len(host) + k + 1} "
-                        f"(epoch {epoch + 1}). The last good checkpoint is kept in "
-                        f"{ckpt.latest.directory} (a rerun resumes from it). Lower "
-                        "--config.optimizer.learning_rate or check the input data.")
-                loop.add_step(float(hm["loss"]), float(hm["accuracy"]))
-                if "stain_passthrough" in hm:
-                    stain_counts[0] += int(hm["stain_passthrough"])
-                    stain_counts[1] += config.batch_size * n_in
-            if host:
-                write_scalars(step, {"train/loss": host[-1]["loss"],
-                                     "train/grad_norm": host[-1]["grad_norm"],
-                                     "train/lr": float(lr_schedule(step - 1))}, epoch=epoch + 1)
-                bar.set_postfix(loss=f"{host[-1]['loss']:.4f}")
-
-        while loop.step_in_epoch < steps_per_epoch:
-            batch = parallel.global_batch(mesh, next(train_iter))
-            batch = {"images": batch["images"], "labels": batch["labels"]}
-            if compiled_step is None:
-                # Compiled ahead of the first step, so that the compiler's freed memory goes
-                # back to the system before the step allocates its own (peak memory).
-                compiled_step = train_step.lower(state, batch, base_key).compile()
-                hostenv.release_free_memory()
-            state, m = compiled_step(state, batch, base_key)
-            pending.append(m)
-            loop.step_in_epoch += 1
-            step += 1
-            bar.update(config.batch_size)
-            last_of_epoch = loop.step_in_epoch == steps_per_epoch
-            save_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                        and not last_of_epoch)
-            if step % config.log_every_steps == 0 or last_of_epoch or save_now:
-                flush()
-            if save_now:
-                save_latest()
-        bar.close()
-        train_time = time.time() - t0
-        if stain is not None and stain_counts[1]:
-            log.info("Stain normalisation, epoch %d: %d of %d training crops passed through "
-                     "unchanged (too little tissue or an implausible stain estimate).",
-                     epoch + 1, *stain_counts)
-            write_scalars(int(state.step), {"train/stain_passthrough": stain_counts[0]},
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if save_now:
+            save_latest(run, state, loop, train_iter)
+    bar.close()
+    train_seconds = time.time() - t0
+    if run.stain is not None and stain_counts[1]:
+        log.info("Stain normalisation, epoch %d: %d of %d training crops passed through "
+                 "unchanged (too little tissue or an implausible stain estimate).",
+                 epoch + 1, *stain_counts)
+        run.write_scalars(int(state.step), {"train/stain_passthrough": stain_counts[0]},
                           epoch=epoch + 1)
+    return state, train_seconds
 
-        # Validation, best weights, early stopping.
-        t0 = time.time()
-        ev = evaluate_dataset(eval_step, state.params, state.batch_stats, val_loader, mesh,
-                              progress=config.progress, desc="validation")
-        val_time = time.time() - t0
-        vm = classification_metrics(ev["labels"], ev["logits"], num_classes)
-        val_loss = _weighted_ce_host(ev["logits"], ev["labels"], weights)
-        n_steps = max(loop.summed_steps, 1)
-        row = {"epoch": epoch + 1, "train_loss": loop.loss_sum / n_steps,
-               "train_accuracy": loop.accuracy_sum / n_steps, "val_loss": val_loss,
-               "val_macro_f1": vm["macro_f1"], "val_accuracy": vm["accuracy"],
-               "samples_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9),
-               "train_s": train_time, "val_s": val_time}
-        loop.history.append(row)
-        write_scalars(int(state.step), {f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
+
+def _log_steps(run: Run, loop: checkpointing.LoopState, host: list[dict], step: int,
+               stain_counts: list[int]) -> float:
+    """Fetched step metrics -> NaN guard, the epoch's sums, the step scalars; returns the last
+    loss."""
+    for k, hm in enumerate(host):
+        if not np.isfinite(hm["loss"]):
+            raise NonFiniteLossError(
+                f"Non-finite training loss ({hm['loss']}) at step {step - len(host) + k + 1} "
+                f"(epoch {loop.epoch + 1}). The last good checkpoint is kept in "
+                f"{run.ckpt.latest.directory} (a rerun resumes from it). Lower "
+                "--config.optimizer.learning_rate or check the input data.")
+        loop.add_step(float(hm["loss"]), float(hm["accuracy"]))
+        if "stain_passthrough" in hm:
+            stain_counts[0] += int(hm["stain_passthrough"])
+            stain_counts[1] += run.config.batch_size * run.config.num_inputs
+    run.write_scalars(step, {"train/loss": host[-1]["loss"],
+                             "train/grad_norm": host[-1]["grad_norm"],
+                             "train/lr": float(run.lr_schedule(step - 1))},
+                      epoch=loop.epoch + 1)
+    return float(host[-1]["loss"])
+
+
+def validate_epoch(run: Run, state, loop: checkpointing.LoopState, train_seconds: float) -> None:
+    """Validation macro-F1 of the epoch just trained; the best weights; early stopping."""
+    config, epoch = run.config, loop.epoch
+    t0 = time.time()
+    ev = evaluate_dataset(run.eval_step, state.params, state.batch_stats, run.val_loader,
+                          run.mesh, progress=config.progress, desc="validation")
+    val_time = time.time() - t0
+    vm = classification_metrics(ev["labels"], ev["logits"], config.model.num_classes)
+    val_loss = _weighted_ce_host(ev["logits"], ev["labels"], run.class_weights)
+    n_steps = max(loop.summed_steps, 1)
+    train_time = train_seconds
+    row = {"epoch": epoch + 1, "train_loss": loop.loss_sum / n_steps,
+           "train_accuracy": loop.accuracy_sum / n_steps, "val_loss": val_loss,
+           "val_macro_f1": vm["macro_f1"], "val_accuracy": vm["accuracy"],
+           "samples_per_s": run.steps_per_epoch * config.batch_size / max(train_time, 1e-9),
+           "train_s": train_time, "val_s": val_time}
+    loop.history.append(row)
+    run.write_scalars(int(state.step), {f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
                       epoch=epoch + 1)
-        improved = vm["macro_f1"] > loop.best_f1
-        if improved:
-            loop.best_f1, loop.best_epoch, loop.bad_epochs = vm["macro_f1"], epoch + 1, 0
-            ckpt.save_best(int(state.step), {"params": state.params, "batch_stats": state.batch_stats},
+    improved = vm["macro_f1"] > loop.best_f1
+    if improved:
+        loop.best_f1, loop.best_epoch, loop.bad_epochs = vm["macro_f1"], epoch + 1, 0
+        run.ckpt.save_best(int(state.step),
+                           {"params": state.params, "batch_stats": state.batch_stats},
                            {"epoch": epoch + 1, "val_macro_f1": vm["macro_f1"]})
-        else:
-            loop.bad_epochs += 1
-        log.info("epoch %d: train loss %.4f | val loss %.4f, macro-F1 %.4f%s | %.1f samples/s",
-                 epoch + 1, row["train_loss"], val_loss, vm["macro_f1"], " (best)" if improved else "",
-                 row["samples_per_s"])
-        loop.end_epoch()
-        if loop.bad_epochs >= config.patience:
-            loop.stopped_early = True
-            log.info("Early stopping: no validation improvement for %d epochs.", config.patience)
-        save_latest()
+    else:
+        loop.bad_epochs += 1
+    log.info("epoch %d: train loss %.4f | val loss %.4f, macro-F1 %.4f%s | %.1f samples/s",
+             epoch + 1, row["train_loss"], val_loss, vm["macro_f1"], " (best)" if improved else "",
+             row["samples_per_s"])
+    loop.end_epoch()
+    if loop.bad_epochs >= config.patience:
+        loop.stopped_early = True
+        log.info("Early stopping: no validation improvement for %d epochs.", config.patience)
 
-    # ---- Test the best weights --------------------------------------------------------------------
-    best = ckpt.restore_best({"params": state.params, "batch_stats": state.batch_stats})
+
+def save_latest(run: Run, state, loop: checkpointing.LoopState, train_iter) -> None:
+    """The latest checkpoint: train state, data stream, loop state (with the log's size)."""
+    loop.metrics_bytes = os.path.getsize(run.metrics_path) if run.primary else 0
+    run.ckpt.save_latest(int(state.step), state, train_iter, loop)
+
+
+def test_best(run: Run, state, loop: checkpointing.LoopState) -> dict:
+    """Tests the best weights; writes the predictions, pictures and (last) ``metrics.json``."""
+    config, data_cfg = run.config, run.data_cfg
+    best = run.ckpt.restore_best({"params": state.params, "batch_stats": state.batch_stats})
     weights_best = best[0]
     test_loader = pipeline.make_eval_loader(
-        source, split["test"], global_batch_size=config.eval_batch_size, num_workers=0, **loader_kw)
-    ev = evaluate_dataset(eval_step, weights_best["params"], weights_best["batch_stats"],
-                          test_loader, mesh, progress=config.progress, desc="test")
-    result = classification_metrics(ev["labels"], ev["logits"], num_classes)
-    result.update(num_inputs=n_in, run=config.run, seed=config.seed, best_epoch=loop.best_epoch,
-                  best_val_macro_f1=loop.best_f1, epochs_trained=loop.epoch,
-                  stopped_early=loop.stopped_early, scales=list(data_cfg.scales[:n_in]),
-                  data_dir=data_cfg.dir)
-    write_scalars(int(state.step), {f"test/{k}": v for k, v in result.items()
-                                    if isinstance(v, float)})
-    with workdir_lib.writing("the metrics log", metrics_path):
-        writer.close()
-    if primary:
-        with workdir_lib.writing("the test outputs", workdir):
-            _write_test_outputs(workdir, ev, source, data_cfg, result, loop.history)
+        run.source, run.split["test"], global_batch_size=config.eval_batch_size, num_workers=0,
+        **run.loader_kw)
+    ev = evaluate_dataset(run.eval_step, weights_best["params"], weights_best["batch_stats"],
+                          test_loader, run.mesh, progress=config.progress, desc="test")
+    result = classification_metrics(ev["labels"], ev["logits"], config.model.num_classes)
+    result.update(num_inputs=config.num_inputs, run=config.run, seed=config.seed,
+                  best_epoch=loop.best_epoch, best_val_macro_f1=loop.best_f1,
+                  epochs_trained=loop.epoch, stopped_early=loop.stopped_early,
+                  scales=list(data_cfg.scales[:config.num_inputs]), data_dir=data_cfg.dir)
+    run.write_scalars(int(state.step), {f"test/{k}": v for k, v in result.items()
+                                        if isinstance(v, float)})
+    with workdir_lib.writing("the metrics log", run.metrics_path):
+        run.writer.close()
+    done_file = os.path.join(run.workdir, METRICS_FILE)
+    if run.primary:
+        with workdir_lib.writing("the test outputs", run.workdir):
+            _write_test_outputs(run.workdir, ev, run.source, data_cfg, result, loop.history)
         # Written last: its presence marks the run finished.
         workdir_lib.write_atomic(done_file, json.dumps(result, indent=2), "the test metrics")
     log.info("Test (best epoch %d): macro-F1 %.4f, accuracy %.4f, AUROC %.4f -> %s",
