@@ -1,4 +1,4 @@
-"""The study: test macro-F1 for 1..4 scales x 5 runs (SPEC §4), reference settings.
+"""The study: test macro-F1 for 1..4 scales x 5 runs (docs/reference.md §4), reference settings.
 
     python main.py --config=configs/grid.py --config.data.dir=/path/to/data --workdir=runs/grid
 

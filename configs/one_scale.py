@@ -1,4 +1,4 @@
-"""Reference configuration of SPEC §4 with 1 input scale(s): the first 1 of
+"""Reference configuration of docs/reference.md §4 with 1 input scale(s): the first 1 of
 data.scales (reference order 1024, 2048, 512, 256).
 
 Run (on your data; without --config.data.dir the demo dataset is used):

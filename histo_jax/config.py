@@ -1,4 +1,4 @@
-"""The base configuration: every field with the reference value of SPEC §4.
+"""The base configuration: every field with the reference value of docs/reference.md §4.
 
 Config files in ``configs/`` start from :func:`get_base_config` and change a few fields;
 every field can be overridden on the command line, e.g. ``--config.num_epochs=20``.

@@ -53,7 +53,7 @@ def test_reading_fields_follows_spec_geometry_and_pyramid(slides):
         assert (s.width, s.height, s.mpp, s.mpp_source) == (W, H, 0.25, "metadata")
         assert s.level_downsamples == (1.0, 2.0, 4.0, 8.0) and s.vendor == "generic-tiff"
         for x, y in ((1000, 700), (1001, 333), (128, 1408)):
-            for f in (64, 128, 256):  # SPEC §6: [x - F/2, x + F/2) at level 0, nested.
+            for f in (64, 128, 256):  # docs/reference.md §6: [x - F/2, x + F/2) at level 0, nested.
                 crop = s.read_field(x, y, f)
                 np.testing.assert_array_equal(crop, img[y - f // 2:y + f // 2, x - f // 2:x + f // 2])
         # Across the border: white outside the slide, the image inside.

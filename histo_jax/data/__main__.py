@@ -132,7 +132,7 @@ def _add_extract_parser(sub) -> None:
     p = sub.add_parser(
         "extract", help="nested multi-FOV crops from whole slides",
         description="Nested, centred crops at several fields of view around tissue locations "
-                    "of whole slides, written in the dataset layout (SPEC §1, §6).")
+                    "of whole slides, written in the dataset layout (docs/reference.md §1, §6).")
     p.add_argument("--slides", nargs="+", required=True, metavar="PATH",
                    help="slide files or folders of slides (OpenSlide formats)")
     p.add_argument("--out", required=True, help="output folder (new, empty, or a previous "

@@ -14,7 +14,7 @@ NORMALIZATION_CHOICES = ("none", "imagenet")
 
 
 def get_data_config() -> ml_collections.ConfigDict:
-    """Returns the data ConfigDict with the reference defaults (SPEC §1, §2, §4)."""
+    """Returns the data ConfigDict with the reference defaults (docs/reference.md §1, §2, §4)."""
     cfg = ml_collections.ConfigDict()
     # Layout.
     cfg.dir = ""  # Empty: the trainer uses the embedded demo dataset.

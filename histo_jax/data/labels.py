@@ -1,4 +1,4 @@
-"""Builds ``labels.csv`` from the class token at the end of the file names (SPEC §1).
+"""Builds ``labels.csv`` from the class token at the end of the file names (docs/reference.md §1).
 
 The class name of ``<num_id>_<...>_<class>.png`` is its LAST ``_``-separated token
 (compared in lower case). The reference map sends ``normal`` to 0 and every tumour

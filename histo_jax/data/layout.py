@@ -1,6 +1,6 @@
 """Dataset folder layout: scanning, image decoding and validation.
 
-Layout (SPEC §1)::
+Layout (docs/reference.md §1)::
 
     DATA_DIR/
       labels.csv            # columns filename,label (filename without .png)

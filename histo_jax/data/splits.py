@@ -1,4 +1,4 @@
-"""Patient-level (``num_id``) train / val / test splits, as the reference (SPEC §4).
+"""Patient-level (``num_id``) train / val / test splits, as the reference (docs/reference.md §4).
 
 The unique ``num_id`` values are taken in order of FIRST APPEARANCE in the records
 (what ``pandas.Series.unique`` returns on the labels table), each one labelled by

@@ -1,4 +1,4 @@
-"""Whole slides in, crops and heatmaps out (SPEC §6).
+"""Whole slides in, crops and heatmaps out (docs/reference.md §6).
 
 * ``reader``: OpenSlide reading (``Slide.read_field``: one field of view from the fitting
   pyramid level), clear errors for bad slides;

@@ -1,4 +1,4 @@
-"""Nested multi-field-of-view crops from whole slides, written in the layout of SPEC §1.
+"""Nested multi-field-of-view crops from whole slides, written in the layout of docs/reference.md §1.
 
 ``extract(slides, out_dir, ExtractConfig(...))`` (``python -m histo_jax.data extract``):
 for every slide, detect tissue, choose locations (``locate.py``: tissue grid, points, or
@@ -15,7 +15,7 @@ File names: ``num_id`` is the slide name, or its patient (``--patients``), with 
 path characters replaced by ``-`` (``num_id`` ends at the first ``_``); the slide name
 follows when it differs from ``num_id``; ``x``, ``y`` are the level-0 centre. labels.csv
 lists each num_id's rows highest label first, so the splits (stratified on each
-num_id's first row, SPEC §4) stratify on whether a slide / patient holds that class.
+num_id's first row, docs/reference.md §4) stratify on whether a slide / patient holds that class.
 
 Stored size: ``size=None`` (default) keeps the layout's convention, every crop at level-0
 resolution (F px for a field of F px). ``size=N`` stores every field at N px, read from

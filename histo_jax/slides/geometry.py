@@ -1,8 +1,8 @@
-"""Fields of view, their folders, and where crops sit on a slide (SPEC §6).
+"""Fields of view, their folders, and where crops sit on a slide (docs/reference.md §6).
 
 The crop of field of view F (level-0 px, even) around the level-0 centre (x, y) covers
 level-0 pixels ``[x - F/2, x + F/2)`` in both axes, so every crop of a sample shares its
-centre and each is the centre quarter-area of the next larger one (SPEC §1).
+centre and each is the centre quarter-area of the next larger one (docs/reference.md §1).
 
 Fields of view are given in level-0 pixels (folders ``high_mag_<F>``, the reference's
 names) or in micrometres (folders ``fov_<U>um``); a micrometre field becomes

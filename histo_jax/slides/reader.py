@@ -3,7 +3,7 @@
 ``open_slide(path)`` returns a :class:`Slide`; every failure is a :class:`SlideError`
 naming the file and saying what is wrong (missing, unsupported format, unreadable or
 truncated, no resolution when one is needed). ``Slide.read_field`` reads one square
-field of view around a level-0 centre (SPEC §6) from the pyramid level that fits the
+field of view around a level-0 centre (docs/reference.md §6) from the pyramid level that fits the
 stored size, and resizes it (antialiased bilinear, as the training pipeline resizes).
 
 Formats are OpenSlide's: Aperio ``.svs``, Hamamatsu ``.ndpi`` / ``.vms`` / ``.vmu``,
