@@ -7,20 +7,59 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 import time
 
 import numpy as np
 from sklearn import metrics as skm
 
-# Imported here, at import time in the main thread, not when a writer is made: while another
-# thread (Orbax, Grain, TFDS) is inside etils' `epy.lazy_imports()`, which patches the global
-# `__import__`, an import made in this thread returns an unresolved LazyModule (seen once as
-# "'LazyModule' object is not callable" on a resume).
+from histo_jax import errors
+
+# TensorBoard event files are written here, synchronously, in the calling thread: with
+# tensorboardX's SummaryWriter a full disk surfaced in its writer thread as a foreign
+# traceback and a lost event, never as an error of the run. Only its protos and CRC are
+# used; they are imported here, at import time, not when a writer is made (see
+# tests/test_imports.py: imports made while another thread is inside etils' lazy imports).
 try:
-    from tensorboardX import SummaryWriter
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto import event_pb2, summary_pb2
 except ImportError:  # TensorBoard files are optional; the JSON lines are not.
-    SummaryWriter = None
+    event_pb2 = None
+
+
+def _masked_crc(data: bytes) -> int:
+    x = crc32c(data) & 0xFFFFFFFF
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class EventFile:
+    """One TensorBoard event file (TFRecord of ``Event`` protos), written in the caller's
+    thread; every ``flush`` reaches the OS, so a write error raises here."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+        self.path = os.path.join(logdir, name)
+        self._f = open(self.path, "ab")
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_scalar(self, tag: str, value: float, step: int, walltime: float) -> None:
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,
+                                                                       simple_value=value)])
+        self._write(event_pb2.Event(wall_time=walltime, step=step, summary=summary))
+
+    def _write(self, event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data
+                      + struct.pack("<I", _masked_crc(data)))
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -74,15 +113,16 @@ class MetricWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         rows = read_jsonl(path) if os.path.exists(path) else []
         self._jsonl = open(path, "a", encoding="utf-8")
-        if SummaryWriter is not None:
+        if event_pb2 is not None:
             tb_dir = os.path.join(workdir, "tensorboard")
-            shutil.rmtree(tb_dir, ignore_errors=True)
-            self._tb = SummaryWriter(tb_dir)
-            for row in rows:
-                for k, v in row.items():
-                    if k not in ROW_FIELDS:
-                        self._tb.add_scalar(k, float(v), int(row["step"]), walltime=row["time"])
-            self._tb.flush()
+            with writing_events(tb_dir):
+                shutil.rmtree(tb_dir, ignore_errors=True)
+                self._tb = EventFile(tb_dir)
+                for row in rows:
+                    for k, v in row.items():
+                        if k not in ROW_FIELDS:
+                            self._tb.add_scalar(k, float(v), int(row["step"]), row["time"])
+                self._tb.flush()
 
     def write(self, step: int, scalars: dict, **fields) -> None:
         if not self.enabled:
@@ -95,17 +135,29 @@ class MetricWriter:
         for k, v in scalars.items():
             v = float(v)
             row[k] = v if math.isfinite(v) else str(v)
-            if self._tb is not None:
-                self._tb.add_scalar(k, v, int(step))
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        if self._tb is not None:  # after the log row: the record is metrics.jsonl
+            with writing_events(os.path.dirname(self._tb.path)):
+                for k in scalars:
+                    self._tb.add_scalar(k, float(row[k]), int(step), row["time"])
+                self._tb.flush()
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._jsonl.close()
         if self._tb is not None:
-            self._tb.close()
+            with writing_events(os.path.dirname(self._tb.path)):
+                self._tb.close()
+
+
+def writing_events(tb_dir: str):
+    """A failed TensorBoard write -> WriteFailedError saying that metrics.jsonl has every
+    row and the event files are rebuilt from it."""
+    return errors.writing("the TensorBoard events", tb_dir,
+                   kept="metrics.jsonl holds every logged row; the TensorBoard files are "
+                        "rebuilt from it when the run resumes.")
 
 
 def read_jsonl(path: str) -> list[dict]:

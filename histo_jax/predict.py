@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from histo_jax import checkpointing, parallel, plots, steps  # noqa: E402
+from histo_jax import checkpointing, errors, parallel, plots, steps  # noqa: E402
 from histo_jax.config import get_base_config  # noqa: E402
 from histo_jax.data import layout, pipeline, sources  # noqa: E402
 from histo_jax.metrics import classification_metrics, softmax  # noqa: E402
@@ -145,6 +145,14 @@ def predict_folder(config: ml_collections.ConfigDict, model: nnx.Module, data_di
                "scales": scales}
     if jax.process_index() != 0:
         return summary
+    with errors.writing("the predictions", out_dir,
+                        kept="Files written before it are kept; the predictions are not "
+                             "complete. Free space and run the command again."):
+        return _write_predictions(source, ev, probs, names, scales, n_in, panels, out_dir, summary)
+
+
+def _write_predictions(source, ev, probs, names, scales, n_in, panels, out_dir, summary) -> dict:
+    """predictions.csv, the metrics and pictures (labelled data), the panels, summary.json."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "predictions.csv")
     labelled = bool(np.all(ev["labels"] >= 0))
@@ -264,12 +272,17 @@ def main(argv):
     except stain_lib.StainError as e:
         print(f"histo_jax: {e}", file=sys.stderr)
         return 1
-    if FLAGS.slides:
-        return _main_slides(config, model, list(FLAGS.slides) + list(argv[1:]))
-    panels = FLAGS.panels
-    panels = int(panels[0]) if len(panels) == 1 and panels[0].isdigit() else list(panels)
-    predict_folder(config, model, FLAGS.data_dir, FLAGS.out, tta=FLAGS.tta, panels=panels,
-                   batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers)
+    try:
+        if FLAGS.slides:
+            return _main_slides(config, model, list(FLAGS.slides) + list(argv[1:]))
+        panels = FLAGS.panels
+        panels = int(panels[0]) if len(panels) == 1 and panels[0].isdigit() else list(panels)
+        predict_folder(config, model, FLAGS.data_dir, FLAGS.out, tta=FLAGS.tta, panels=panels,
+                       batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers)
+    except errors.WriteFailedError as e:
+        print(f"histo_jax: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _main_slides(config, model, paths: list[str]) -> int:

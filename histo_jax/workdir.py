@@ -25,7 +25,6 @@ This module imports neither JAX nor the data stack at import time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -36,7 +35,19 @@ import os
 import socket
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable
+
+from histo_jax.errors import (WorkdirError, WriteFailedError, failure_reason,  # noqa: F401
+                              is_write_failure, write_atomic, writing)
+
+
+class WorkdirBusyError(WorkdirError):
+    """Another live process holds the workdir's lock."""
+
+
+class IdentityMismatchError(WorkdirError):
+    """The workdir holds a run of another configuration or data."""
+
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +83,6 @@ ADDED_FIELDS = {
     "data.stain_augment.hed_alpha": 0.05, "data.stain_augment.hed_beta": 0.05,
     "data.stain_augment.lab_mean": [5.0, 3.0, 3.0], "data.stain_augment.lab_std": [0.1, 0.1, 0.1],
 }
-
-
-class WorkdirError(Exception):
-    """A workdir problem the user has to act on; ``main.py`` prints it without a traceback."""
-
-
-class WorkdirBusyError(WorkdirError):
-    """Another live process holds the workdir's lock."""
-
-
-class IdentityMismatchError(WorkdirError):
-    """The workdir holds a run of another configuration or data."""
-
-
-class WriteFailedError(WorkdirError):
-    """A file of the run could not be written (full disk, I/O error, ...)."""
 
 
 # ---- Identity -------------------------------------------------------------------------------
@@ -313,50 +308,6 @@ def claim(workdir: str, identity: RunIdentity, config_json: str, *,
         write_atomic(cfg_path, config_json, "the resolved config")
     elif not os.path.exists(cfg_path):
         write_atomic(cfg_path, config_json, "the resolved config")
-
-
-# ---- Writes ---------------------------------------------------------------------------------
-
-_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-            errno.EIO: "an I/O error", errno.EROFS: "the file system is read-only",
-            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
-
-
-def failure_reason(exc: BaseException) -> str:
-    """``'the disk is full ([Errno 28] No space left on device)'`` for an error or its causes."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _REASONS:
-            return f"{_REASONS[seen.errno]} ({seen})"
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if "No space left on device" in str(exc):
-        return f"the disk is full ({text})"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-@contextlib.contextmanager
-def writing(what: str, path: str) -> Iterator[None]:
-    """Turns an ``OSError`` raised inside into a :class:`WriteFailedError` naming ``path``."""
-    try:
-        yield
-    except OSError as e:
-        raise WriteFailedError(f"Could not write {what} ({path}): {failure_reason(e)}.") from e
-
-
-def write_atomic(path: str, text: str, what: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (whole or not at all)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with writing(what, path):
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 # ---- Lock -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import sys
 from typing import Sequence
 
 from histo_jax.data.config import ON_BAD_SAMPLE_CHOICES, REFERENCE_SCALES, get_data_config
+from histo_jax.errors import WorkdirError
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -314,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "demo": _cmd_demo, "extract": _cmd_extract, "stain": stain_cli.main}
     try:
         return commands[args.command](args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, WorkdirError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
 

@@ -26,6 +26,7 @@ left in place (delete the folder to reclaim space).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ import numpy as np
 
 from histo_jax.data.layout import (IMAGE_SUFFIX, DataValidationError, Sample, scan_folder,
                                    validate_dataset)
+from histo_jax.errors import WriteFailedError, failure_reason, is_write_failure
 from histo_jax.paths import cache_root
 
 PREPARED_FORMAT = 1
@@ -133,6 +135,33 @@ def prepare_dataset(data_cfg, data_dir: str | None = None, *,
             log(f"Reusing prepared dataset {path} ({len(prepared.samples)} samples, unchanged "
                 f"source {data_dir}).")
             return prepared
+    kept = (f"Nothing was kept: the unfinished {path} was removed, and {data_dir} is "
+            "untouched. Free space (or point data.prepared_dir or HISTO_JAX_CACHE at another "
+            "disk) and run the command again.")
+    try:
+        return _prepare_into(data_cfg, data_dir, scan, fingerprint, path, log, progress)
+    except BaseException as e:
+        shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, Exception) and is_write_failure(e):
+            raise WriteFailedError(f"Could not write the prepared dataset ({path}): "
+                                   f"{failure_reason(e)}. {kept}") from e
+        raise
+
+
+def _reserve(path: str) -> None:
+    """Allocates the whole file now: a memory-mapped write to a full disk kills the process
+    (SIGBUS); a full disk here is an ordinary ENOSPC error instead."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # not supported here: skip
+                raise
+
+
+def _prepare_into(data_cfg, data_dir, scan, fingerprint, path, log, progress) -> PreparedDataset:
+    """Validates and writes the prepared dataset into ``path`` (removed by the caller on
+    failure); the completion marker (``meta.json``) is written last."""
     if os.path.exists(path):  # A crashed earlier build of ours: no completion marker.
         shutil.rmtree(path)
     os.makedirs(path)
@@ -144,6 +173,7 @@ def prepare_dataset(data_cfg, data_dir: str | None = None, *,
     resized = np.lib.format.open_memmap(resized_path, mode="w+", dtype=np.uint8,
                                         shape=(max(1, scan.num_candidates), num_scales,
                                                size, size, 3))
+    _reserve(resized_path)
     rows: dict[str, int] = {}
 
     def keep(filename: str, k: int, image: np.ndarray) -> None:
@@ -160,11 +190,8 @@ def prepare_dataset(data_cfg, data_dir: str | None = None, *,
         log(f"Preparing {len(report.samples)} samples x {num_scales} scales at {size} px "
             f"into {path}")
         _build(data_cfg, report.samples, os.path.join(path, "tfds"), resized, rows, data_dir)
-    except BaseException:
-        del resized
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    del resized
+    finally:
+        resized = None  # unmaps the file (the reference in `keep` goes with it)
     os.remove(resized_path)
     meta = {
         "format": PREPARED_FORMAT,

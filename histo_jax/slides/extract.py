@@ -44,6 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from histo_jax.data.layout import ordered_imap
+from histo_jax.errors import WriteFailedError, failure_reason, is_write_failure, writing
 from histo_jax.slides import annotations as ann_lib
 from histo_jax.slides import geometry, pictures
 from histo_jax.slides.locate import BORDER_CHOICES, fov_pixels, locate
@@ -215,6 +216,14 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
     summaries: dict[str, dict] = dict((previous or {}).get("slides", {}))
     class_map = dict(cfg.class_map) or ann_lib.parse_class_map(ann_lib.DEFAULT_CLASS_MAP)
     normalizer = cfg.normalizer()
+    def finish():  # the tables and the manifest of the slides extracted so far
+        _write_tables(out_dir, cfg, rows_by_slide, previous is not None)
+        manifest = {"histo_jax_extract": 1, "settings": settings, "stored_sizes": stored,
+                    "stain": ({"file": os.path.abspath(cfg.stain),
+                               **load_stain(cfg.stain).params()} if cfg.stain else None),
+                    "slides": summaries, "failures": [list(f) for f in failures]}
+        _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
+
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
         try:
@@ -224,16 +233,33 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
             failures.append((e.path, e.reason))
             log(f"FAILED {e}")
             continue
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            kept = _kept_after_failure(finish, out_dir, rows_by_slide)
+            raise WriteFailedError(f"Could not write the crops of slide {name} ({out_dir}): "
+                                   f"{failure_reason(e)}. {kept}") from e
         rows_by_slide[name] = rows
         summaries[name] = summary
-    _write_tables(out_dir, cfg, rows_by_slide, previous is not None)
-    manifest = {"histo_jax_extract": 1, "settings": settings, "stored_sizes": stored,
-                "stain": ({"file": os.path.abspath(cfg.stain), **load_stain(cfg.stain).params()}
-                          if cfg.stain else None),
-                "slides": summaries, "failures": [list(f) for f in failures]}
-    _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
+    with writing("the extraction's tables", out_dir,
+                 kept="The crops written are kept; once the problem is fixed, the same command "
+                      "finishes the extraction (crops on disk are not read again)."):
+        finish()
     done = {k: v for k, v in summaries.items() if k in rows_by_slide}
     return ExtractResult(out_dir, done, failures, folders, time.time() - start)
+
+
+def _kept_after_failure(finish: Callable[[], None], out_dir: str, done: dict) -> str:
+    """After a failed crop write: records the finished slides if it can; says what is kept."""
+    try:
+        finish()
+    except Exception as e:  # noqa: BLE001 - the disk is likely still full; said below
+        return (f"The crops written so far are kept, but {MANIFEST} could not be updated "
+                f"({failure_reason(e)}): once space is freed, extract into a new folder, or "
+                f"delete {out_dir} and run the same command again.")
+    return (f"Kept: the {len(done)} slide(s) finished before it, in {LOCATIONS} and "
+            f"{MANIFEST}, and every crop written. Once the problem is fixed (e.g. space freed), "
+            "the same command resumes (crops already on disk are not read again).")
 
 
 def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_map, progress,

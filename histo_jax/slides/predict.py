@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -38,9 +39,10 @@ from typing import Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from histo_jax import parallel, steps
+from histo_jax import errors, parallel, steps
 from histo_jax.metrics import softmax
 from histo_jax.slides import annotations as ann_lib
 from histo_jax.slides import geometry, pictures
@@ -88,7 +90,6 @@ def _plan(paths, fovs, *, mpp, stride, min_tissue, border, tissue, annotations_d
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     if len(np.unique(labels)) < 2:
         return None
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
 
     return float(roc_auc_score(labels, scores))
 
@@ -234,7 +235,10 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
             pooled_scores.append(pr[:, positive])
         rows.append(row)
         if primary:
-            _write_slide(out_dir, p, pr, at, scales, names, positive, row, pictures_too)
+            with errors.writing(f"the outputs of slide {slide.name}", out_dir,
+                                kept=f"The outputs of the slides before it are kept in {out_dir}; "
+                                     "free space and run the command again."):
+                _write_slide(out_dir, p, pr, at, scales, names, positive, row, pictures_too)
         slide.close()
     summary = {"slides": rows, "failures": [list(f) for f in failures], "scales": list(scales),
                "image_size": size, "stride": stride, "border": border,
@@ -251,7 +255,10 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
     if pooled_labels:
         summary["auroc_all_annotated"] = _auroc(np.concatenate(pooled_labels), np.concatenate(pooled_scores))
     if primary:
-        _write_summary(out_dir, rows, summary)
+        with errors.writing("the slide summary", out_dir,
+                            kept="Every slide's own outputs are kept; free space and run the "
+                                 "command again for slides.csv and summary.json."):
+            _write_summary(out_dir, rows, summary)
     return summary
 
 
@@ -320,12 +327,10 @@ def run(config, model, slide_paths, out_dir, *, log_fn: Callable[[str], None] = 
         err_fn: Callable[[str], None] | None = None, **kw) -> int:
     """``predict_slides`` for the command line: prints the summary, returns the exit code
     (1 when a slide or input failed), and reports input problems without a traceback."""
-    import sys  # noqa: PLC0415
-
     err_fn = err_fn or (lambda m: print(m, file=sys.stderr))
     try:
         summary = predict_slides(config, model, slide_paths, out_dir, **kw)
-    except (InputError, ValueError, FileNotFoundError) as e:
+    except (InputError, ValueError, FileNotFoundError, errors.WriteFailedError) as e:
         err_fn(f"ERROR: {e}")
         return 1
     log_fn(format_summary(summary, out_dir))
