@@ -51,7 +51,14 @@ import os
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile  # noqa: F401 - ImageFile: see below
+from tqdm import tqdm
+
+from histo_jax.data.splits import make_splits
+
+# PIL imports its plugins and helpers (ImageFile, PngImagePlugin, ...) on first use, from
+# whichever thread gets there first; done here, at import time (tests/test_threads.py).
+Image.init()
 
 MAX_LISTED = 20
 IMAGE_SUFFIX = ".png"
@@ -483,8 +490,6 @@ def _apply_skip_policy(report: ValidationReport, data_cfg, require_labels: bool)
 
 
 def _check_dataset_level(report: ValidationReport, data_cfg) -> None:
-    from histo_jax.data.splits import make_splits  # Local: avoid import cycles.
-
     samples = [s for s in report.samples if s.label >= 0]
     if not samples:
         report.issues.append(Issue("empty_dataset", f"no usable labelled sample in "
@@ -571,7 +576,6 @@ def validate_dataset(data_cfg, data_dir: str | None = None, *, require_labels: b
                 if scale not in missing_scales and (s.filename, scale) not in missing]
         results = ordered_imap(_check_one, jobs, _cfg_get(data_cfg, "num_workers", 2))
         if progress:
-            from tqdm import tqdm
             results = tqdm(results, total=len(jobs), desc="validating images", unit="img")
         sizes: dict[str, dict[str, tuple[int, int]]] = collections.defaultdict(dict)
         for scale, filename, size, issue, resized in results:

@@ -24,6 +24,11 @@ copies of the first record and ``mask`` is False on padding (nothing is dropped)
 from __future__ import annotations
 
 import math
+# Grain starts its worker processes from a prefetch thread; what that imports on first use
+# is imported here, in the main thread, instead (tests/test_threads.py).
+import multiprocessing.dummy.connection  # noqa: F401
+import multiprocessing.popen_fork  # noqa: F401
+import multiprocessing.popen_spawn_posix  # noqa: F401
 import sys
 import zlib
 from typing import Sequence

@@ -19,10 +19,16 @@ import os
 from typing import Callable, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
+# Imported by tfds.data_source on first use, from whichever thread opens the source first
+# (a reader thread, in a Grain worker): imported here instead (tests/test_threads.py).
+import tensorflow_datasets.core.data_sources.base  # noqa: F401
+import tree  # noqa: F401
 
 from histo_jax.data.layout import (IMAGE_SUFFIX, DataValidationError, Sample, load_resized,
                                    scan_folder)
 from histo_jax.data.prepare import PreparedDataset, prepare_dataset, read_prepared
+from histo_jax.data.tfds_builder import SPLIT
 
 __all__ = ["PreparedSource", "FolderSource", "load_dataset", "scan_folder",
            "DataValidationError"]
@@ -65,10 +71,6 @@ class PreparedSource(_MetadataMixin):
 
     def _open(self):
         if self._ds is None:
-            import tensorflow_datasets as tfds
-
-            from histo_jax.data.tfds_builder import SPLIT
-
             ds = tfds.data_source(
                 "histo_jax_dataset", split=SPLIT, data_dir=self.prepared.tfds_data_dir,
                 download=False,

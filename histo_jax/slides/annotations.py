@@ -25,6 +25,7 @@ import re
 from typing import Mapping
 
 import numpy as np
+from matplotlib.path import Path
 
 from histo_jax.slides.reader import InputError
 
@@ -146,8 +147,6 @@ class Region:
     polygons: list[list[np.ndarray]]
 
     def contains(self, xy: np.ndarray) -> np.ndarray:
-        from matplotlib.path import Path  # noqa: PLC0415 - keeps the command-line parsers light
-
         xy = np.asarray(xy, np.float64).reshape(-1, 2)
         inside = np.zeros(len(xy), bool)
         for rings in self.polygons:

@@ -22,7 +22,7 @@ import numpy as np
 
 from histo_jax.slides import geometry
 from histo_jax.slides.annotations import Annotations, Point
-from histo_jax.slides.reader import InputError, Slide
+from histo_jax.slides.reader import InputError, Slide, SlideError
 from histo_jax.slides.tissue import TissueMask, TissueParams, detect_tissue
 
 DEFAULT_MIN_TISSUE = 0.5
@@ -51,8 +51,6 @@ class Locations:
 
 def fov_pixels(slide: Slide, fovs: Sequence[geometry.FieldOfView]) -> tuple[int, ...]:
     """Level-0 px of each field on ``slide`` (raises SlideError when um needs a missing mpp)."""
-    from histo_jax.slides.reader import SlideError  # noqa: PLC0415
-
     try:
         return tuple(f.pixels(slide.mpp, slide.path) for f in fovs)
     except ValueError as e:

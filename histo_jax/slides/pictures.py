@@ -6,6 +6,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
@@ -86,8 +87,6 @@ def accumulate(shape: tuple[int, int], scale: tuple[float, float], xy: np.ndarra
 
 
 def _scale_bar(ax, overview_w: int, scale_x: float, mpp: float | None) -> None:
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar  # noqa: PLC0415
-
     per_px = scale_x * (mpp or 1.0)  # um (or level-0 px) per overview pixel
     target = overview_w * per_px / 5
     steps = [k * 10 ** e for e in range(0, 7) for k in (1, 2, 5)]

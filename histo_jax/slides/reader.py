@@ -13,13 +13,20 @@ OpenSlide handles are thread-safe: one :class:`Slide` serves every reader thread
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+import openslide
+import tifffile
+from PIL import Image, ImageFile  # noqa: F401 - ImageFile: see below
 
 from histo_jax.slides import geometry
+
+# PIL imports its plugins and helpers (ImageFile, PngImagePlugin, ...) on first use, from
+# whichever thread gets there first; done here, at import time (tests/test_threads.py).
+Image.init()
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
                     ".svslide", ".bif", ".dcm")
@@ -83,9 +90,6 @@ def _diagnose(path: str, message: str) -> str:
     if os.path.getsize(path) == 0:
         return "empty file (0 bytes): unreadable or truncated slide"
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        import logging  # noqa: PLC0415
-        import tifffile  # noqa: PLC0415
-
         quiet = logging.getLogger("tifffile")
         level, quiet.level = quiet.level, logging.CRITICAL  # its warnings repeat ours
         try:
@@ -114,8 +118,6 @@ class Slide:
     """An open slide: level-0 size, pyramid, resolution, and field reads."""
 
     def __init__(self, path: str, mpp: float | None = None):
-        import openslide  # noqa: PLC0415 - loads the OpenSlide library only when slides are read
-
         self.path = path
         self.name = slide_name(path)
         if not os.path.isfile(path):

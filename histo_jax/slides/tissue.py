@@ -25,6 +25,7 @@ import dataclasses
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +119,6 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 def detect_tissue(rgb: np.ndarray, downsample: tuple[float, float],
                   params: TissueParams = TissueParams()) -> TissueMask:
     """Tissue mask of an overview ``rgb`` (uint8, (h, w, 3)) taken at ``downsample``."""
-    from scipy import ndimage  # noqa: PLC0415 - keeps the command-line parsers light
-
     sat = ndimage.median_filter(saturation(rgb), size=params.median, mode="nearest")
     thr = otsu_threshold(sat) if params.saturation == "otsu" else float(params.saturation)
     fg = sat > thr
