@@ -300,7 +300,8 @@ def measure(n: int, mode: str, frameworks: list[str], a: argparse.Namespace) -> 
                 "size": a.size, "dtype": a.dtype if w.framework == "jax" else "float32",
                 "samples_per_s": round(a.batch / med, 3), "step_median_s": round(med, 4),
                 "step_min_s": round(min(w.times), 4), "step_max_s": round(max(w.times), 4),
-                "timed_steps": len(w.times), **w.info, **final,
+                "timed_steps": len(w.times), "step_times_s": [round(t, 4) for t in w.times],
+                **w.info, **final,
                 "load_before": load_before, "load_after": _load()}
         return records
     finally:
@@ -370,6 +371,10 @@ def main(argv=None) -> None:
                 _emit({"ratio": f"with/without {a.data_set}", "n_inputs": n, "mode": mode,
                        "step_time": round(v["step_median_s"] / b["step_median_s"], 4),
                        "step_time_min": round(v["step_min_s"] / b["step_min_s"], 4),
+                       # Step k of each worker ran back to back (alternating rounds): the
+                       # median of these paired ratios cancels the machine's slow drift.
+                       "step_time_paired": round(statistics.median(
+                           x / y for x, y in zip(v["step_times_s"], b["step_times_s"])), 4),
                        "with_step_median_s": v["step_median_s"],
                        "without_step_median_s": b["step_median_s"]})
             if "torch" in recs:
