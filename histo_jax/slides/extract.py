@@ -48,7 +48,8 @@ from histo_jax.errors import WriteFailedError, failure_reason, is_write_failure,
 from histo_jax.slides import annotations as ann_lib
 from histo_jax.slides import geometry, pictures
 from histo_jax.slides.locate import BORDER_CHOICES, fov_pixels, locate
-from histo_jax.slides.reader import InputError, SlideError, check_unique_names, find_slides, open_slide
+from histo_jax.slides.reader import (InputError, IsolatedProbe, SlideError, check_unique_names,
+                                     find_slides, open_slide)
 from histo_jax.slides.tissue import TissueParams
 from histo_jax.stain.normalize import StainNormalizer, apply_uint8, load as load_stain
 
@@ -78,6 +79,9 @@ class ExtractConfig:
     labels_file: str = "labels.csv"
     workers: int = 4
     stain: str | None = None  # a fitted stain.json: crops are written normalised
+    # Each slide is first opened and sampled in a separate process (reader.IsolatedProbe):
+    # a file that crashes OpenSlide costs that slide, not the extraction.
+    isolate: bool = True
 
     def __post_init__(self):
         if self.border not in BORDER_CHOICES:
@@ -224,8 +228,14 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
                     "slides": summaries, "failures": [list(f) for f in failures]}
         _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
 
+    probe = IsolatedProbe() if cfg.isolate else None
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
+        reason = probe(path) if probe is not None else None
+        if reason is not None:
+            failures.append((path, reason))
+            log(f"FAILED {path}: {reason}")
+            continue
         try:
             rows, summary = _extract_slide(path, out_dir, cfg, folders, stored, points, patients,
                                            class_map, progress, normalizer)
@@ -241,6 +251,8 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
                                    f"{failure_reason(e)}. {kept}") from e
         rows_by_slide[name] = rows
         summaries[name] = summary
+    if probe is not None:
+        probe.close()
     with writing("the extraction's tables", out_dir,
                  kept="The crops written are kept; once the problem is fixed, the same command "
                       "finishes the extraction (crops on disk are not read again)."):
@@ -294,6 +306,7 @@ def _extract_slide(path, out_dir, cfg, folders, stored, points, patients, class_
         levels = [slide.field_level(f, s if cfg.size else None, cfg.pyramid) for f, s in zip(fovs_px, sizes)]
         written, existing, passthrough = _write_crops(slide, out_dir, folders, fovs_px, cfg, names,
                                                       loc.xy, cfg.workers, progress, normalizer)
+        slide.check_unchanged()
         for folder, size in zip(folders, sizes):
             stored.setdefault(folder, size)
         pictures.locations_thumbnail(

@@ -47,7 +47,8 @@ from histo_jax.metrics import softmax
 from histo_jax.slides import annotations as ann_lib
 from histo_jax.slides import geometry, pictures
 from histo_jax.slides.locate import fov_pixels, locate
-from histo_jax.slides.reader import InputError, SlideError, check_unique_names, find_slides, open_slide
+from histo_jax.slides.reader import (InputError, IsolatedProbe, SlideError, check_unique_names,
+                                     find_slides, open_slide)
 from histo_jax.slides.tissue import TissueParams
 from histo_jax.stain import normalize as stain_lib
 
@@ -61,10 +62,16 @@ class _Planned:
 
 
 def _plan(paths, fovs, *, mpp, stride, min_tissue, border, tissue, annotations_dir, class_map,
-          failures):
+          failures, isolate: bool = True):
     planned = []
+    probe = IsolatedProbe() if isolate else None
     for path in paths:
         slide = None
+        reason = probe(path) if probe is not None else None
+        if reason is not None:  # sampled in a separate process first: a crash costs one slide
+            failures.append((path, reason))
+            log.warning("FAILED %s: %s", path, reason)
+            continue
         try:
             slide = open_slide(path, mpp)
             fovs_px = fov_pixels(slide, fovs)
@@ -84,6 +91,8 @@ def _plan(paths, fovs, *, mpp, stride, min_tissue, border, tissue, annotations_d
             log.warning("FAILED %s", e)
             if slide is not None:
                 slide.close()
+    if probe is not None:
+        probe.close()
     return planned
 
 
@@ -100,7 +109,7 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
                    tissue: TissueParams = TissueParams(), batch_size: int | None = None,
                    num_workers: int = 4, annotations_dir: str | None = None,
                    class_map: dict | None = None, progress: bool = True,
-                   pictures_too: bool = True) -> dict:
+                   pictures_too: bool = True, isolate: bool = True) -> dict:
     """Predicts every tissue location of every slide (module docstring); returns the summary."""
     n_in = int(config.num_inputs)
     scales = tuple(config.data.scales)[:n_in]
@@ -115,7 +124,7 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
     t0 = time.time()
     planned = _plan(paths, fovs, mpp=mpp, stride=stride, min_tissue=min_tissue, border=border,
                     tissue=tissue, annotations_dir=annotations_dir, class_map=class_map,
-                    failures=failures)
+                    failures=failures, isolate=isolate)
     t_plan = time.time() - t0
 
     # ---- Model on every device ------------------------------------------------------------
@@ -216,6 +225,11 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
         sl = slice(offset, offset + n)
         offset += n
         slide = p.slide
+        if not p.error:
+            try:
+                slide.check_unchanged()
+            except SlideError as e:
+                p.error = e.reason
         if p.error:
             failures.append((slide.path, p.error))
             slide.close()

@@ -13,8 +13,12 @@ OpenSlide handles are thread-safe: one :class:`Slide` serves every reader thread
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import select
+import subprocess
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -31,6 +35,9 @@ Image.init()
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
                     ".svslide", ".bif", ".dcm")
 MAX_OVERVIEW_PIXELS = 400_000_000  # Largest level read whole for an overview.
+# Declared level-0 pixels per byte of file above which a slide is taken as damaged: real
+# slides hold about 1-50 (JPEG tiles; glass compresses further), never thousands.
+MAX_PIXELS_PER_BYTE = 2000
 BACKGROUND = 255  # Fill (white, like glass) of transparent pixels: outside the slide or scan.
 
 
@@ -114,6 +121,33 @@ def _diagnose(path: str, message: str) -> str:
     return f"unreadable or truncated slide, or not a {ext} slide (OpenSlide: {message})"
 
 
+def _file_state(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_readable(path: str) -> None:
+    """Permission: as the OS says, and for root (who may read anything) as the mode says."""
+    mode = os.stat(path).st_mode
+    if not os.access(path, os.R_OK) or not mode & 0o444:
+        raise SlideError(path, f"permission denied: the file is not readable (mode "
+                         f"{mode & 0o777:03o}); fix its permissions or leave it out")
+
+
+def _check_geometry(path: str, dims, downsamples) -> None:
+    """Levels of zero size, or more pixels than the file could possibly hold: damaged."""
+    for k, (w, h) in enumerate(dims):
+        if w <= 0 or h <= 0:
+            raise SlideError(path, f"damaged slide: pyramid level {k} has zero size ({w} x {h})")
+    pixels = dims[0][0] * dims[0][1]
+    size = max(1, os.path.getsize(path))
+    if pixels > MAX_PIXELS_PER_BYTE * size:
+        raise SlideError(path, f"damaged slide: it declares {dims[0][0]} x {dims[0][1]} pixels "
+                         f"in a {size}-byte file, far more than the file can hold")
+    if any(not np.isfinite(d) or d <= 0 for d in downsamples):
+        raise SlideError(path, f"damaged slide: invalid level downsamples {downsamples}")
+
+
 class Slide:
     """An open slide: level-0 size, pyramid, resolution, and field reads."""
 
@@ -122,13 +156,20 @@ class Slide:
         self.name = slide_name(path)
         if not os.path.isfile(path):
             raise SlideError(path, "no such file")
+        _check_readable(path)
+        self._stat = _file_state(path)
         try:
             self._osr = openslide.OpenSlide(path)
         except openslide.OpenSlideError as e:
             raise SlideError(path, _diagnose(path, str(e))) from None
-        self.width, self.height = self._osr.dimensions
-        self.level_dimensions = tuple(self._osr.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        try:
+            self.width, self.height = self._osr.dimensions
+            self.level_dimensions = tuple(self._osr.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+            _check_geometry(path, self.level_dimensions, self.level_downsamples)
+        except SlideError:
+            self._osr.close()
+            raise
         props = self._osr.properties
         self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "")
         meta = []
@@ -149,6 +190,18 @@ class Slide:
 
     def close(self) -> None:
         self._osr.close()
+
+    def check_unchanged(self) -> None:
+        """Raises SlideError if the file was replaced or modified since it was opened (its
+        crops would then mix two files)."""
+        try:
+            now = _file_state(self.path)
+        except OSError as e:
+            raise SlideError(self.path, f"the file went away while it was read ({e.strerror})"
+                             ) from None
+        if now != self._stat:
+            raise SlideError(self.path, "the file changed while it was read (size, time or "
+                             "inode differ): its crops are not used; rerun once it is stable")
 
     def __enter__(self):
         return self
@@ -218,6 +271,88 @@ def _to_rgb(region: Image.Image) -> Image.Image:
         return region.convert("RGB")
     white = Image.new("RGBA", region.size, (BACKGROUND,) * 3 + (255,))
     return Image.alpha_composite(white, region).convert("RGB")
+
+
+PROBE_TIMEOUT_S = 300.0
+PROBE_WINDOW = 64  # px read at the centre of every level
+
+
+def probe(path: str) -> str | None:
+    """Opens ``path`` and decodes a sample of it: a window at the centre of every level and
+    the coarsest level whole (what the overview reads). None if that works, else the reason
+    (a :class:`SlideError`'s)."""
+    try:
+        with Slide(path) as s:
+            for k, (w, h) in enumerate(s.level_dimensions):
+                ds = s.level_downsamples[k]
+                cw, ch = min(w, PROBE_WINDOW), min(h, PROBE_WINDOW)
+                s._read((int((w - cw) / 2 * ds), int((h - ch) / 2 * ds)), k, (cw, ch))
+            w, h = s.level_dimensions[-1]
+            if w * h <= MAX_OVERVIEW_PIXELS:
+                s._read((0, 0), len(s.level_dimensions) - 1, (w, h))
+    except SlideError as e:
+        return e.reason
+    return None
+
+
+class IsolatedProbe:
+    """Runs :func:`probe` in a separate worker process (``python -m
+    histo_jax.slides.probe_worker``, started once and reused), so that a file that crashes or
+    hangs OpenSlide's decoders costs that slide, not the calling process; a slide that
+    passes is then read in-process. ``probe_fn`` ('module:function', default this module's
+    :func:`probe`) is what the worker calls."""
+
+    def __init__(self, probe_fn: str = "", timeout: float = PROBE_TIMEOUT_S):
+        self._fn, self._timeout, self._proc = probe_fn, timeout, None
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or "." for p in sys.path))
+        cmd = [sys.executable, "-m", "histo_jax.slides.probe_worker"] + (
+            [self._fn] if self._fn else [])
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+
+    def __call__(self, path: str) -> str | None:
+        if self._proc is None:
+            self._proc = self._start()
+        proc = self._proc
+        try:
+            proc.stdin.write(json.dumps(os.path.abspath(path)) + "\n")
+            proc.stdin.flush()
+        except OSError:  # the worker died before it could take the path
+            pass
+        ready, _, _ = select.select([proc.stdout], [], [], self._timeout)
+        line = proc.stdout.readline() if ready else None
+        if line:
+            return json.loads(line)["reason"]
+        self._stop()
+        if line is None:
+            return f"reading it did not finish within {self._timeout:g} s; it is left out"
+        code = proc.returncode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        return (f"reading it crashed the isolated reader process ({how}): a damaged or hostile "
+                "file OpenSlide cannot decode; it is left out")
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.stdin.close()  # the worker ends at end of input
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self._stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def open_slide(path: str, mpp: float | None = None) -> Slide:
