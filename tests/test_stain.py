@@ -280,14 +280,15 @@ def test_stain_augmentation_leaves_the_reference_draws_unchanged():
     zero = A.AugmentConfig(color_jitter=base.color_jitter, erasing_prob=base.erasing_prob,
                            stain=SA.StainAugmentConfig(method="hed", hed_alpha=0.0, hed_beta=0.0))
     key = jax.random.PRNGKey(0)
-    np.testing.assert_allclose(np.asarray(A.augment_batch(key, x, zero)),
-                               np.asarray(A.augment_batch(key, x, base)), atol=1e-5)
+    augment = jax.jit(A.augment_batch, static_argnums=2)
+    np.testing.assert_allclose(np.asarray(augment(key, x, zero)),
+                               np.asarray(augment(key, x, base)), atol=1e-5)
     only = A.AugmentConfig(enabled=False, color_jitter=base.color_jitter,
                            erasing_prob=base.erasing_prob, stain=SA.StainAugmentConfig(method="hed"))
     assert float(jnp.abs(A.augment_batch(key, x, only) - x / 255.0).mean()) > 1e-3
 
 
-@pytest.mark.parametrize("method,rotation", [("hed", 15.0), ("hed", 0.0), ("lab", 15.0)])
+@pytest.mark.parametrize("method,rotation", [("hed", 15.0), ("lab", 0.0)])
 def test_stain_map_inside_the_augmentation_equals_stain_first(method, rotation):
     """The fast path (the stain map on the gathered pixels, after flips and rotation) equals
     the plain semantics: stain jitter on the unaugmented batch, then the reference
@@ -301,8 +302,7 @@ def test_stain_map_inside_the_augmentation_equals_stain_first(method, rotation):
     first = SA.stain_augment(jax.random.fold_in(key, A.STAIN_KEY), x / 255.0, hed)
     plain = jax.jit(A.augment_batch, static_argnums=2)(key, first, A.AugmentConfig(**kw))
     np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), atol=2e-5)
-    assert float(jnp.abs(fast - jax.jit(A.augment_batch, static_argnums=2)(
-        key, x, A.AugmentConfig(**kw))).mean()) > 1e-3  # and it does change the images
+    assert float(jnp.abs(first - x / 255.0).mean()) > 1e-3  # and the jitter does act
 
 
 def test_stain_augment_config_checks_and_from_config():
