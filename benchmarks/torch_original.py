@@ -8,7 +8,8 @@ Torch-only (torch, torchvision, Pillow, numpy; no JAX, no histo_jax imports). It
   torchvision augmentation (flips, rotation, ColorJitter, GaussianBlur, RandomErasing, clamp);
 * a ``DataLoader`` with ``--workers`` worker processes and a ``WeightedRandomSampler``
   (balanced class weights, with replacement, one epoch = len(train) draws);
-* the reference model and step (``reference/torch_model.py``: weighted CE, clip 1.0, Adam, OneCycle);
+* the reference model and step (``reference/torch_model.py``: weighted CE, clip 1.0, Adam,
+  OneCycle);
 * after each epoch, validation macro-F1, keeping the best weights; at the end, the test
   macro-F1 of the best weights.
 

@@ -20,7 +20,7 @@ from histo_jax import errors
 # tensorboardX's SummaryWriter a full disk surfaced in its writer thread as a foreign
 # traceback and a lost event, never as an error of the run. Only its protos and CRC are
 # used; they are imported here, at import time, not when a writer is made (see
-# tests/test_imports.py: imports made while another thread is inside etils' lazy imports).
+# tests/test_threads.py: imports made while another thread is inside etils' lazy imports).
 try:
     from tensorboardX.crc32c import crc32c
     from tensorboardX.proto import event_pb2, summary_pb2
@@ -111,7 +111,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
-        rows = read_jsonl(path) if os.path.exists(path) else []
+        rows = _read_rows_tolerantly(path)
         self._jsonl = open(path, "a", encoding="utf-8")
         if event_pb2 is not None:
             tb_dir = os.path.join(workdir, "tensorboard")
@@ -120,8 +120,12 @@ class MetricWriter:
                 self._tb = EventFile(tb_dir)
                 for row in rows:
                     for k, v in row.items():
-                        if k not in ROW_FIELDS:
-                            self._tb.add_scalar(k, float(v), int(row["step"]), row["time"])
+                        if k not in ROW_FIELDS and isinstance(v, (int, float, str)):
+                            try:
+                                value = float(v)
+                            except ValueError:
+                                continue
+                            self._tb.add_scalar(k, value, int(row["step"]), row["time"])
                 self._tb.flush()
 
     def write(self, step: int, scalars: dict, **fields) -> None:
@@ -158,6 +162,22 @@ def writing_events(tb_dir: str):
     return errors.writing("the TensorBoard events", tb_dir,
                    kept="metrics.jsonl holds every logged row; the TensorBoard files are "
                         "rebuilt from it when the run resumes.")
+
+
+def _read_rows_tolerantly(path: str) -> list[dict]:
+    """The rows of a metrics log to replay into TensorBoard; a line that is not a complete
+    row (a write cut short) is left out rather than stopping the run."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "step" in row and "time" in row:
+                    rows.append(row)
+    return rows
 
 
 def read_jsonl(path: str) -> list[dict]:

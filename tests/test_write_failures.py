@@ -51,7 +51,7 @@ def test_prepare_full_disk_removes_the_unfinished_dataset(tmp_path, capfd, monke
     text = out.out + out.err
     assert "Traceback" not in text
     assert "ERROR: Could not write the prepared dataset" in out.err and "the disk is full" in out.err
-    assert f"Nothing was kept" in out.err and f"{data} is untouched" in out.err
+    assert "Nothing was kept" in out.err and f"{data} is untouched" in out.err
     assert os.listdir(prepared) == []  # the unfinished folder is gone
     monkeypatch.undo()
 

@@ -359,8 +359,9 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.
 
         def fn(img, gk, ak, j, p, params):
             # The stain jitter, a per-pixel map, runs on the gathered pixels (_augment_image).
-            pixel_map = (lambda px: stain_aug.apply_map(px, params)) if stain else None  # noqa: E731
-            return _augment_image(img, gk, ak, j, p, cfg, pixel_map)
+            def pixel_map(px):
+                return stain_aug.apply_map(px, params)
+            return _augment_image(img, gk, ak, j, p, cfg, pixel_map if stain else None)
         return jax.vmap(fn)(sample, geo_keys, app_keys, jitter, erase_p, params)
 
     sample_keys = jax.random.split(key, b)

@@ -48,7 +48,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import os
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile  # noqa: F401 - ImageFile: see below

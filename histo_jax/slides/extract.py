@@ -1,4 +1,4 @@
-"""Nested multi-field-of-view crops from whole slides, written in the layout of docs/reference.md §1.
+"""Nested multi-field-of-view crops from whole slides, in the layout of docs/reference.md §1.
 
 ``extract(slides, out_dir, ExtractConfig(...))`` (``python -m histo_jax.data extract``):
 for every slide, detect tissue, choose locations (``locate.py``: tissue grid, points, or
@@ -220,6 +220,7 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
     summaries: dict[str, dict] = dict((previous or {}).get("slides", {}))
     class_map = dict(cfg.class_map) or ann_lib.parse_class_map(ann_lib.DEFAULT_CLASS_MAP)
     normalizer = cfg.normalizer()
+
     def finish():  # the tables and the manifest of the slides extracted so far
         _write_tables(out_dir, cfg, rows_by_slide, previous is not None)
         manifest = {"histo_jax_extract": 1, "settings": settings, "stored_sizes": stored,
@@ -229,30 +230,32 @@ def extract(slide_paths: Sequence[str], out_dir: str, cfg: ExtractConfig, *, pro
         _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))
 
     probe = IsolatedProbe() if cfg.isolate else None
-    for path in paths:
-        name = os.path.splitext(os.path.basename(path))[0]
-        reason = probe(path) if probe is not None else None
-        if reason is not None:
-            failures.append((path, reason))
-            log(f"FAILED {path}: {reason}")
-            continue
-        try:
-            rows, summary = _extract_slide(path, out_dir, cfg, folders, stored, points, patients,
-                                           class_map, progress, normalizer)
-        except InputError as e:
-            failures.append((e.path, e.reason))
-            log(f"FAILED {e}")
-            continue
-        except Exception as e:
-            if not is_write_failure(e):
-                raise
-            kept = _kept_after_failure(finish, out_dir, rows_by_slide)
-            raise WriteFailedError(f"Could not write the crops of slide {name} ({out_dir}): "
-                                   f"{failure_reason(e)}. {kept}") from e
-        rows_by_slide[name] = rows
-        summaries[name] = summary
-    if probe is not None:
-        probe.close()
+    try:
+        for path in paths:
+            name = os.path.splitext(os.path.basename(path))[0]
+            reason = probe(path) if probe is not None else None
+            if reason is not None:
+                failures.append((path, reason))
+                log(f"FAILED {path}: {reason}")
+                continue
+            try:
+                rows, summary = _extract_slide(path, out_dir, cfg, folders, stored, points,
+                                               patients, class_map, progress, normalizer)
+            except InputError as e:
+                failures.append((e.path, e.reason))
+                log(f"FAILED {e}")
+                continue
+            except Exception as e:
+                if not is_write_failure(e):
+                    raise
+                kept = _kept_after_failure(finish, out_dir, rows_by_slide)
+                raise WriteFailedError(f"Could not write the crops of slide {name} ({out_dir}): "
+                                       f"{failure_reason(e)}. {kept}") from e
+            rows_by_slide[name] = rows
+            summaries[name] = summary
+    finally:
+        if probe is not None:
+            probe.close()
     with writing("the extraction's tables", out_dir,
                  kept="The crops written are kept; once the problem is fixed, the same command "
                       "finishes the extraction (crops on disk are not read again)."):

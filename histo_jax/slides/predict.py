@@ -65,34 +65,36 @@ def _plan(paths, fovs, *, mpp, stride, min_tissue, border, tissue, annotations_d
           failures, isolate: bool = True):
     planned = []
     probe = IsolatedProbe() if isolate else None
-    for path in paths:
-        slide = None
-        reason = probe(path) if probe is not None else None
-        if reason is not None:  # sampled in a separate process first: a crash costs one slide
-            failures.append((path, reason))
-            log.warning("FAILED %s: %s", path, reason)
-            continue
-        try:
-            slide = open_slide(path, mpp)
-            fovs_px = fov_pixels(slide, fovs)
-            ann = None
-            if annotations_dir:
-                try:
-                    f = ann_lib.annotation_file(annotations_dir, slide.name)
-                except InputError:
-                    f = None  # Evaluation is optional: unannotated slides are predicted only.
-                if f:
-                    ann = ann_lib.read_annotations(f, class_map)
-            loc = locate(slide, fovs_px, stride=stride, min_tissue=min_tissue, border=border,
-                         tissue=tissue, overview_side=1400)
-            planned.append(_Planned(slide, loc, fovs_px, ann))
-        except InputError as e:
-            failures.append((e.path, e.reason))
-            log.warning("FAILED %s", e)
-            if slide is not None:
-                slide.close()
-    if probe is not None:
-        probe.close()
+    try:
+        for path in paths:
+            slide = None
+            reason = probe(path) if probe is not None else None
+            if reason is not None:  # sampled in a separate process first: a crash costs one slide
+                failures.append((path, reason))
+                log.warning("FAILED %s: %s", path, reason)
+                continue
+            try:
+                slide = open_slide(path, mpp)
+                fovs_px = fov_pixels(slide, fovs)
+                ann = None
+                if annotations_dir:
+                    try:
+                        f = ann_lib.annotation_file(annotations_dir, slide.name)
+                    except InputError:
+                        f = None  # Evaluation is optional: unannotated slides are predicted only.
+                    if f:
+                        ann = ann_lib.read_annotations(f, class_map)
+                loc = locate(slide, fovs_px, stride=stride, min_tissue=min_tissue, border=border,
+                             tissue=tissue, overview_side=1400)
+                planned.append(_Planned(slide, loc, fovs_px, ann))
+            except InputError as e:
+                failures.append((e.path, e.reason))
+                log.warning("FAILED %s", e)
+                if slide is not None:
+                    slide.close()
+    finally:
+        if probe is not None:
+            probe.close()
     return planned
 
 
