@@ -31,6 +31,15 @@ from histo_jax.workdir import WorkdirError, WriteFailedError, failure_reason
 log = logging.getLogger(__name__)
 
 
+class _OrbaxThreadErrors(logging.Filter):
+    """Drops Orbax's log of an exception in its save thread (an ERROR with a traceback):
+    the same exception reaches the waiting save, which reports it as one clear
+    WriteFailedError. Attached only while a save runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
 class CheckpointError(WorkdirError):
     """The workdir's saved training state cannot be used."""
 
@@ -185,6 +194,9 @@ class Checkpoints:
         return self.latest.latest_step()
 
     def _save(self, mngr: ocp.CheckpointManager, step: int, args, what: str) -> None:
+        quiet = _OrbaxThreadErrors()
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(quiet)
         try:
             if step in mngr.all_steps():  # Saved before a resume replayed it (or damaged).
                 mngr.delete(step)
@@ -193,6 +205,8 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
             raise WriteFailedError(f"Could not write the {what} checkpoint "
                                    f"{mngr.directory}/{step}: {failure_reason(e)}.") from e
+        finally:
+            absl_log.removeFilter(quiet)
 
     def save_latest(self, step: int, state: Any, data_iter: Any, loop: LoopState) -> None:
         self._save(self.latest, step, ocp.args.Composite(

@@ -105,7 +105,8 @@ def test_loop_state_is_versioned_and_a_bad_one_is_a_clear_error(tmp_path, caplog
         LoopState.from_json({"version": 1, "epoch": 1}, "x")
 
 
-def test_failed_save_keeps_the_previous_checkpoint_and_a_resave_works(tmp_path, monkeypatch):
+def test_failed_save_keeps_the_previous_checkpoint_and_a_resave_works(tmp_path, monkeypatch,
+                                                                    caplog, capfd):
     state, loader = _state_and_iter()
     it = iter(loader)
     ck = checkpointing.Checkpoints(str(tmp_path), keep=2)
@@ -114,8 +115,13 @@ def test_failed_save_keeps_the_previous_checkpoint_and_a_resave_works(tmp_path, 
     def full_disk(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", full_disk)
+    caplog.clear()
+    capfd.readouterr()
     with pytest.raises(workdir.WriteFailedError) as e:
         ck.save_latest(4, state.replace(step=jnp.array(4)), it, LoopState(epoch=2))
+    # Orbax's own traceback of its save thread is not printed before our message.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Traceback" not in capfd.readouterr().err
     assert f"training state checkpoint {tmp_path}/checkpoints/4" in str(e.value)
     assert "the disk is full ([Errno 28] No space left on device)" in str(e.value)
     assert ck.latest_step() == 3
