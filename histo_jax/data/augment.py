@@ -298,7 +298,7 @@ def random_erasing(key: jax.Array, img: jax.Array, prob: jax.Array,
 def _augment_image(img, geo_key, app_key, jitter, erase_prob, cfg: AugmentConfig, pixel_map=None):
     """One image: flips, rotation, colour jitter, blur, erasing.
 
-    ``pixel_map`` (the HED stain jitter; default: the uint8 -> [0, 1] conversion) is applied
+    ``pixel_map`` (the stain jitter; default: the uint8 -> [0, 1] conversion) is applied
     right after the geometry, on the gathered pixels: equal to applying it first, since a
     per-pixel map commutes with flips and nearest rotation.
     """

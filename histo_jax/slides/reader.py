@@ -121,26 +121,24 @@ def _diagnose(path: str, message: str) -> str:
     return f"unreadable or truncated slide, or not a {ext} slide (OpenSlide: {message})"
 
 
-def _file_state(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
+def _file_state(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _check_readable(path: str) -> None:
+def _check_readable(path: str, mode: int) -> None:
     """Permission: as the OS says, and for root (who may read anything) as the mode says."""
-    mode = os.stat(path).st_mode
     if not os.access(path, os.R_OK) or not mode & 0o444:
         raise SlideError(path, f"permission denied: the file is not readable (mode "
                          f"{mode & 0o777:03o}); fix its permissions or leave it out")
 
 
-def _check_geometry(path: str, dims, downsamples) -> None:
+def _check_geometry(path: str, dims, downsamples, size: int) -> None:
     """Levels of zero size, or more pixels than the file could possibly hold: damaged."""
     for k, (w, h) in enumerate(dims):
         if w <= 0 or h <= 0:
             raise SlideError(path, f"damaged slide: pyramid level {k} has zero size ({w} x {h})")
     pixels = dims[0][0] * dims[0][1]
-    size = max(1, os.path.getsize(path))
+    size = max(1, size)
     if pixels > MAX_PIXELS_PER_BYTE * size:
         raise SlideError(path, f"damaged slide: it declares {dims[0][0]} x {dims[0][1]} pixels "
                          f"in a {size}-byte file, far more than the file can hold")
@@ -156,8 +154,9 @@ class Slide:
         self.name = slide_name(path)
         if not os.path.isfile(path):
             raise SlideError(path, "no such file")
-        _check_readable(path)
-        self._stat = _file_state(path)
+        st = os.stat(path)
+        _check_readable(path, st.st_mode)
+        self._stat = _file_state(st)
         try:
             self._osr = openslide.OpenSlide(path)
         except openslide.OpenSlideError as e:
@@ -166,7 +165,7 @@ class Slide:
             self.width, self.height = self._osr.dimensions
             self.level_dimensions = tuple(self._osr.level_dimensions)
             self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
-            _check_geometry(path, self.level_dimensions, self.level_downsamples)
+            _check_geometry(path, self.level_dimensions, self.level_downsamples, st.st_size)
         except SlideError:
             self._osr.close()
             raise
@@ -195,7 +194,7 @@ class Slide:
         """Raises SlideError if the file was replaced or modified since it was opened (its
         crops would then mix two files)."""
         try:
-            now = _file_state(self.path)
+            now = _file_state(os.stat(self.path))
         except OSError as e:
             raise SlideError(self.path, f"the file went away while it was read ({e.strerror})"
                              ) from None
