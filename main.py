@@ -9,12 +9,13 @@ Rerunning a command with the same workdir resumes it (or reports the finished re
 workdir holds one run: a command of another configuration or data is refused (unless
 --discard_old_run moves the old run aside), and so is a second process on a busy workdir;
 these refusals and failed writes are reported without a traceback (exit status 1).
+In a multi-host run, a process that fails stops the others within config.failure_timeout_s
+(default 30 s); they exit with status 3, naming it and its error (histo_jax/failstop.py).
 Without --config.data.dir the embedded demo dataset is used (generated on first use).
 """
 
 import logging as std_logging
 import os
-import sys
 
 from histo_jax import hostenv
 
@@ -24,7 +25,8 @@ if __name__ == "__main__":  # First, before JAX starts threads: see histo_jax/ho
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from histo_jax import cross_site, grid, parallel, train, workdir as workdir_lib  # noqa: E402
+from histo_jax import cross_site, failstop, grid, parallel, train  # noqa: E402
+from histo_jax import workdir as workdir_lib  # noqa: E402
 from histo_jax.data.layout import DataValidationError  # noqa: E402
 from histo_jax.stain import StainError  # noqa: E402
 
@@ -44,22 +46,28 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # libraries: warnings only; histo_jax: info
     std_logging.getLogger("histo_jax").setLevel(std_logging.INFO)
-    parallel.maybe_initialize_distributed()
     config = FLAGS.config
+    parallel.maybe_initialize_distributed(config.failure_timeout_s)
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
     try:
-        if "cross_site" in config:
-            cross_site.run_cross_site(config, workdir, discard_old_run=FLAGS.discard_old_run)
-        elif config.grid.num_inputs:
-            grid.run_grid(config, workdir, discard_old_run=FLAGS.discard_old_run)
-        else:
-            train.train_and_evaluate(config, workdir, discard_old_run=FLAGS.discard_old_run)
+        with failstop.reporting():  # multi-host: the other processes learn of a failure first
+            if "cross_site" in config:
+                cross_site.run_cross_site(config, workdir, discard_old_run=FLAGS.discard_old_run)
+            elif config.grid.num_inputs:
+                grid.run_grid(config, workdir, discard_old_run=FLAGS.discard_old_run)
+            else:
+                train.train_and_evaluate(config, workdir, discard_old_run=FLAGS.discard_old_run)
     except (workdir_lib.WorkdirError, train.NonFiniteLossError, DataValidationError,
             StainError) as e:
         # What is wrong, with which file, and what to do: the message says it all.
-        print(f"\nhisto_jax: {e}", file=sys.stderr)
-        sys.exit(1)
+        failstop.exit_after_failure(e, f"\nhisto_jax: {e}")
+    except Exception as e:
+        if failstop.active() is None:
+            raise
+        failstop.exit_after_failure(e)  # its traceback, then the others are told
+    if failstop.active() is not None:
+        failstop.active().finished()
 
 
 if __name__ == "__main__":

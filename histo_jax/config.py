@@ -47,6 +47,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # XLA:CPU only: schedule the train and eval steps for low peak memory (full-size B0 at 4
     # inputs: see benchmarks/README.md). Off: compiles faster, same numbers, more memory.
     c.xla_cpu_memory_scheduler = True
+    # Multi-host: when one process fails (an error, or silent this long: killed, hung), every
+    # process stops within about this many seconds, naming it (histo_jax/failstop.py).
+    c.failure_timeout_s = 30.0
 
     # Experiment grid (configs/grid.py): empty tuples = a single run of the fields above.
     c.grid = ml_collections.ConfigDict()

@@ -2,31 +2,43 @@
 
 Multi-host: call :func:`maybe_initialize_distributed` first (it reads the standard
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, or the
-cluster environment JAX detects by itself); each process then feeds its own slice of the
-global batch and :func:`global_batch` assembles the sharded global array.
+cluster environment JAX detects by itself) and starts the fail-stop watchdog
+(``histo_jax.failstop``); each process then feeds its own slice of the global batch and
+:func:`global_batch` assembles the sharded global array.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # its client has no public handle
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from histo_jax import failstop
 
-def maybe_initialize_distributed() -> None:
-    """Initialises multi-process JAX when the environment asks for it; no-op otherwise."""
-    if jax.distributed.is_initialized():
-        return
-    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if addr:
+
+def maybe_initialize_distributed(failure_timeout_s: float = failstop.DEFAULT_TIMEOUT_S) -> None:
+    """Initialises multi-process JAX when the environment asks for it, and starts the
+    watchdog that stops every process within about ``failure_timeout_s`` of one failing
+    (``histo_jax.failstop``); no-op with one process."""
+    if not jax.distributed.is_initialized():
+        addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+        if not addr:
+            return
         jax.distributed.initialize(
             coordinator_address=addr,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            # JAX's own failure detection, a backstop behind the watchdog.
+            heartbeat_timeout_seconds=math.ceil(2 * failure_timeout_s),
         )
+    if jax.process_count() > 1 and failstop.active() is None:
+        failstop.start(jax_distributed.global_state.client, jax.process_index(),
+                       jax.process_count(), failure_timeout_s)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from histo_jax import checkpointing, errors, parallel, plots, steps  # noqa: E402
+from histo_jax import checkpointing, errors, failstop, parallel, plots, steps  # noqa: E402
 from histo_jax.config import get_base_config  # noqa: E402
 from histo_jax.data import layout, pipeline, sources  # noqa: E402
 from histo_jax.metrics import classification_metrics, softmax  # noqa: E402
@@ -255,6 +255,18 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("histo_jax").setLevel(logging.INFO)
     parallel.maybe_initialize_distributed()
+    with failstop.reporting():  # multi-host: the other processes learn of a failure first
+        status = _main(argv)
+    watchdog = failstop.active()
+    if watchdog is not None:
+        if status:
+            failstop.exit_after_failure(RuntimeError(f"predict ended with status {status}"),
+                                        "", status)
+        watchdog.finished()
+    return status
+
+
+def _main(argv):
     if bool(FLAGS.run) == bool(FLAGS.pytorch):
         raise app.UsageError("Give exactly one of --run=WORKDIR or --pytorch=CHECKPOINT.")
     if bool(FLAGS.data_dir) == bool(FLAGS.slides):

@@ -51,7 +51,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from histo_jax import checkpointing, hostenv, optim, parallel, paths, plots, steps
+from histo_jax import checkpointing, failstop, hostenv, optim, parallel, paths, plots, steps
 from histo_jax import workdir as workdir_lib
 from histo_jax.data import augment, pipeline, sources, splits as splits_lib
 from histo_jax.metrics import MetricWriter, classification_metrics, softmax
@@ -64,7 +64,9 @@ METRICS_FILE = "metrics.json"
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """The loss (the same global value on every process) is NaN or infinite."""
+
+    raised_on_every_process = True  # see histo_jax.failstop
 
 
 def primary_first(fn, what: str):
@@ -169,9 +171,10 @@ def on_primary(fn, what: str):
             err = e
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
     if err is not None:
-        raise err
+        raise failstop.mark_raised_everywhere(err)
     if not ok:
-        raise workdir_lib.WorkdirError(f"Process 0 stopped ({what}); its error message says why.")
+        raise failstop.mark_raised_everywhere(workdir_lib.WorkdirError(
+            f"Process 0 stopped ({what}); its error message says why."))
     return out
 
 
@@ -341,20 +344,24 @@ class CompiledOnFirstCall:
 
 
 def _train(config, workdir, data_cfg, identity, mesh, ckpt, cleanup) -> dict:
-    """The run, top-down: set-up, resume, the epochs (train, validate, stop early), test."""
-    run, state = setup_run(config, workdir, data_cfg, identity, mesh, ckpt)
-    state, loop, train_iter = resume_or_start(run, state)
-    with workdir_lib.writing("the metrics log", run.metrics_path):
-        run.writer = MetricWriter(workdir, enabled=run.primary)
-    cleanup.callback(_close_quietly, run.writer)
-    log.info("Training %d inputs for up to %d epochs x %d steps (batch %d over %d devices, "
-             "%d process(es)).", config.num_inputs, config.num_epochs, run.steps_per_epoch,
-             config.batch_size, jax.device_count(), jax.process_count())
-    while loop.epoch < config.num_epochs and not loop.stopped_early:
-        state, train_seconds = train_epoch(run, state, loop, train_iter)
-        validate_epoch(run, state, loop, train_seconds)
-        save_latest(run, state, loop, train_iter)
-    return test_best(run, state, loop)
+    """The run, top-down: set-up, resume, the epochs (train, validate, stop early), test.
+
+    An error is reported to the other processes of a multi-host run before anything unwinds
+    (``histo_jax.failstop``), so that none waits for this one."""
+    with failstop.reporting():
+        run, state = setup_run(config, workdir, data_cfg, identity, mesh, ckpt)
+        state, loop, train_iter = resume_or_start(run, state)
+        with workdir_lib.writing("the metrics log", run.metrics_path):
+            run.writer = MetricWriter(workdir, enabled=run.primary)
+        cleanup.callback(_close_quietly, run.writer)
+        log.info("Training %d inputs for up to %d epochs x %d steps (batch %d over %d devices, "
+                 "%d process(es)).", config.num_inputs, config.num_epochs, run.steps_per_epoch,
+                 config.batch_size, jax.device_count(), jax.process_count())
+        while loop.epoch < config.num_epochs and not loop.stopped_early:
+            state, train_seconds = train_epoch(run, state, loop, train_iter)
+            validate_epoch(run, state, loop, train_seconds)
+            save_latest(run, state, loop, train_iter)
+        return test_best(run, state, loop)
 
 
 def setup_run(config, workdir, data_cfg, identity, mesh, ckpt) -> tuple[Run, Any]:

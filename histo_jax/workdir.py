@@ -64,6 +64,7 @@ NOT_IN_IDENTITY = {
     "xla_cpu_memory_scheduler": "the order XLA:CPU runs a step's operations in (peak memory)",
     "checkpoint_every_steps": "when the latest state is saved (resuming is exact)",
     "keep_checkpoints": "how many latest states are kept",
+    "failure_timeout_s": "how soon the processes of a multi-host run stop when one fails",
     "data.num_workers": "loader worker processes (the batches do not depend on them)",
     "data.dir": "where the source folder is (the data are identified by their fingerprint)",
     "data.demo_dir": "where the demo dataset is written (idem)",

@@ -1,6 +1,8 @@
 """Runs main.py and SIGKILLs it at a named point: the test hook of the kill -9 tests.
 
     HISTO_JAX_KILL_AT=<point> HISTO_JAX_MALLOC_TUNING=0 python tests/killpoint.py <main.py flags>
+    HISTO_JAX_FAIL_AT=checkpoint ...   # the first latest-state save fails: ENOSPC
+    (neither set: main.py as it is)
 
 Points (``k`` counts within this process, default 1):
 
@@ -77,8 +79,24 @@ def install(point: str) -> None:
         raise SystemExit(f"killpoint.py: unknown point {point!r}")
 
 
+def install_failure(point: str) -> None:
+    if point != "checkpoint":
+        raise SystemExit(f"killpoint.py: unknown failure point {point!r}")
+    import errno
+
+    import grain
+    handler = grain.checkpoint.CheckpointHandler
+
+    def failing_save(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    handler.save = failing_save
+
+
 if __name__ == "__main__":
-    install(os.environ["HISTO_JAX_KILL_AT"])
+    if os.environ.get("HISTO_JAX_KILL_AT"):
+        install(os.environ["HISTO_JAX_KILL_AT"])
+    if os.environ.get("HISTO_JAX_FAIL_AT"):
+        install_failure(os.environ["HISTO_JAX_FAIL_AT"])
     main = os.path.join(REPO, "main.py")
     sys.argv = [main, *sys.argv[1:]]
     runpy.run_path(main, run_name="__main__")

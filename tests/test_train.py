@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import grain
 import ml_collections
@@ -19,7 +21,7 @@ import pytest
 
 from runutil import REPO, cli_flags, tiny_config
 
-from histo_jax import grid, metrics, parallel, plots, train, workdir
+from histo_jax import failstop, grid, metrics, parallel, plots, train, workdir
 
 # Values that differ between two identical runs: wall-clock times and throughput.
 TIMING_KEYS = {"time", "epoch/samples_per_s", "epoch/train_s", "epoch/val_s"}
@@ -357,33 +359,83 @@ def test_splits_written_by_the_run_are_leakage_free(trained_run):
     assert len(set.union(*index_sets)) == n
 
 
-def test_two_processes_on_loopback_match_one_process(trained_run, tmp_path):
-    """jax.distributed with a local coordinator: 2 processes x 2 CPU devices = the 4-device run."""
+def _free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    c = trained_run["config"]
-    workdir = str(tmp_path / "two_procs")
+        return s.getsockname()[1]
+
+
+def run_two_processes(workdir: str, c, env=({}, {}), extra=(), timeout=900):
+    """main.py (through tests/killpoint.py, which honours HISTO_JAX_KILL_AT / _FAIL_AT in
+    ``env[i]``) as 2 processes x 2 CPU devices on a loopback coordinator. Returns, per
+    process, (exit status, stderr, seconds after the first process ended)."""
+    port = _free_port()
     two_devices = re.sub(r"(xla_force_host_platform_device_count)=\d+", r"\1=2", os.environ["XLA_FLAGS"])
     procs = []
     for pid in range(2):
-        env = _env(XLA_FLAGS=two_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        e = _env(XLA_FLAGS=two_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid), HISTO_JAX_MALLOC_TUNING="0",
+                 **env[pid])
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/four_scale.py",
-             f"--workdir={workdir}", *cli_flags(c)], env=env, cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    errs = []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        errs.append(err)
-        assert p.returncode == 0, err[-3000:]
+            [sys.executable, os.path.join(REPO, "tests", "killpoint.py"),
+             f"--config={REPO}/configs/four_scale.py", f"--workdir={workdir}", *cli_flags(c), *extra],
+            env=e, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    # Drain both stderr pipes while waiting (a full pipe would block a process).
+    errs, ended = ["", ""], [None, None]
+
+    def drain(i):
+        errs[i] = procs[i].stderr.read()
+        procs[i].wait()
+        ended[i] = time.monotonic()
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if any(t.is_alive() for t in threads):
+        for q in procs:
+            q.kill()
+        raise AssertionError(f"a process did not end within {timeout} s: {[e[-2000:] for e in errs]}")
+    first = min(ended)
+    return [(p.returncode, err, t - first) for p, err, t in zip(procs, errs, ended)]
+
+
+def test_two_processes_fail_stop_then_resume_and_match_one_process(trained_run, tmp_path):
+    """jax.distributed with a loopback coordinator, 2 processes x 2 CPU devices, the fixture
+    run's command. Fail-stop (histo_jax/failstop.py, timeout 10 s): process 1 killed -9
+    mid-epoch, then process 0 (the coordinator) failing its checkpoint write; each time the
+    survivor stops with status 3, naming the failed process and why. The third run of the
+    same command resumes and ends as the 4-device one-process run (a wrong resume would feed
+    other batches: the losses would differ far beyond the reassociation tolerance)."""
+    c, timeout = trained_run["config"], 10
+    workdir = str(tmp_path / "two_procs")
+    extra = [f"--config.failure_timeout_s={timeout}"]
+    killed = run_two_processes(workdir, c, env=({}, {"HISTO_JAX_KILL_AT": "batch:5"}), extra=extra)
+    (rc0, err0, after0), (rc1, _, _) = killed
+    print(f"kill -9 of process 1: process 0 ended {after0:.1f} s later")  # pytest -s shows it
+    assert rc1 == -signal.SIGKILL
+    assert rc0 == failstop.EXIT_PEER_FAILED, err0[-3000:]
+    assert "histo_jax: process 1 of 2 failed: no sign of life for" in err0, err0[-3000:]
+    assert "Terminating process" not in err0 and "Traceback" not in err0  # not JAX's abort
+    assert _steps(workdir) == [3, 4]  # killed fetching step 5's batch
+
+    failed = run_two_processes(workdir, c, env=({"HISTO_JAX_FAIL_AT": "checkpoint"}, {}), extra=extra)
+    (rc0, err0, after0), (rc1, err1, after1) = failed
+    print(f"failed write on process 0: the processes ended {after0:.1f} and {after1:.1f} s apart")
+    assert rc0 == 1, err0[-3000:]
+    assert "histo_jax: Could not write the training state checkpoint" in err0, err0[-3000:]
+    assert rc1 == failstop.EXIT_PEER_FAILED, err1[-3000:]
+    assert ("histo_jax: process 0 of 2 failed: WriteFailedError: Could not write the training "
+            "state checkpoint") in err1 and "No space left on device" in err1, err1[-3000:]
+    assert "Terminating process" not in err1 + err0 and "Traceback" not in err1 + err0
+    assert _steps(workdir) == [3, 4]  # the failed save of step 6 left nothing
+
+    out = run_two_processes(workdir, c, extra=extra)
+    for rc, err, _ in out:
+        assert rc == 0, err[-3000:]
+    errs = [err for _, err, _ in out]
+    assert "Resumed from" in errs[0]
     assert "2 process(es)" in errs[0]
     got = json.load(open(os.path.join(workdir, "metrics.json")))
     want = json.loads(json.dumps(trained_run["result"]))
@@ -411,3 +463,5 @@ def test_two_processes_on_loopback_match_one_process(trained_run, tmp_path):
     # Process 0 claimed the shared workdir (identity, lock) and released it.
     assert json.load(open(os.path.join(workdir, "identity.json")))["fields"]["num_inputs"] == 2
     assert open(os.path.join(workdir, "run.lock")).read() == ""
+
+
