@@ -60,6 +60,17 @@ def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _reset_rss_peak() -> bool:
+    """Resets this process's VmHWM to its current RSS (Linux >= 4.0), so that the peak of the
+    timed steps is measured apart from the compiler's and the first step's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _parse_value(v: str):
     """'true'/'false' -> bool, numbers -> int/float, anything else stays a string."""
     if v.lower() in ("true", "false"):
@@ -81,12 +92,15 @@ def _serve(run_steps, info: dict, extra_final=None) -> None:
     """Worker loop: prints ``info`` (ready), then answers ``run K`` / ``quit`` lines on stdin."""
     info["rss_peak_after_first_step_mb"] = round(_rss_peak_mb(), 1)
     _emit(info)
+    reset = _reset_rss_peak()
     for line in sys.stdin:
         cmd = line.split()
         if cmd and cmd[0] == "run":
             _emit({"times": run_steps(int(cmd[1]))})
         elif cmd and cmd[0] == "quit":
-            final = {"rss_peak_mb": round(_rss_peak_mb(), 1)}
+            steps_peak = _rss_peak_mb()
+            final = {"rss_peak_mb": round(max(steps_peak, info["rss_peak_after_first_step_mb"]), 1),
+                     "rss_peak_steps_mb": round(steps_peak, 1) if reset else None}
             if extra_final:
                 final.update(extra_final())
             _emit(final)
@@ -189,7 +203,8 @@ def jax_worker(a: argparse.Namespace) -> None:
 
 
 def torch_worker(a: argparse.Namespace) -> None:
-    """Builds the PyTorch reference model and step for (N, mode), then serves timed steps."""
+    """Builds the PyTorch reference model and step for (N, mode), then serves timed steps
+    (on CUDA when torch sees a GPU, as the original trains; else on the CPU)."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -197,23 +212,30 @@ def torch_worker(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.torch_threads)
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model = torch_model.MultiInputModule(a.n)
+    model = torch_model.MultiInputModule(a.n).to(device)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand((a.batch, a.n, 3, a.size, a.size), generator=gen)
-    labels = torch.randint(0, 2, (a.batch,), generator=gen)
+    images = torch.rand((a.batch, a.n, 3, a.size, a.size), generator=gen).to(device)
+    labels = torch.randint(0, 2, (a.batch,), generator=gen).to(device)
+    # --dtype bfloat16: PyTorch's autocast (float32 weights, bf16 matmuls and convs).
+    autocast = torch.bfloat16 if a.dtype == "bfloat16" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if a.mode == "eval":
         model.eval()
 
         def call():
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=autocast is not None):
                 model(images)
+            sync()
     else:
-        step = torch_model.make_train_step(model, torch.tensor(CLASS_WEIGHTS), TOTAL_STEPS)
+        step = torch_model.make_train_step(model, torch.tensor(CLASS_WEIGHTS, device=device),
+                                           TOTAL_STEPS, autocast=autocast)
 
         def call():
-            step(images, labels)
+            step(images, labels)  # float(loss) synchronises
     t0 = time.perf_counter()
     call()
     first_s = time.perf_counter() - t0
@@ -226,9 +248,14 @@ def torch_worker(a: argparse.Namespace) -> None:
             out.append(time.perf_counter() - t)
         return out
 
-    _serve(run_steps, {"backend": "cpu", "torch": torch.__version__,
+    def device_peak() -> dict:
+        if device.type != "cuda":
+            return {}
+        return {"device_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+    _serve(run_steps, {"backend": device.type, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "build_s": round(build_s, 2),
-                       "compile_s": 0.0, "first_step_s": round(first_s, 3)})
+                       "compile_s": 0.0, "first_step_s": round(first_s, 3)}, device_peak)
 
 
 # --------------------------------------------------------------------------- parent
@@ -237,13 +264,16 @@ class Worker:
 
     def __init__(self, framework: str, n: int, mode: str, a: argparse.Namespace):
         self.framework = framework
-        # 'jax_data_set': the JAX worker with --data_set; plain 'jax' has it only without --ab.
+        # 'jax_data_set': the JAX worker with --data_set and --ab_model_set; plain 'jax' has
+        # --data_set only without --ab.
         data_set = a.data_set if framework == "jax_data_set" or not a.ab else ""
+        model_set = ",".join(filter(None, [a.model_set, a.ab_model_set
+                                           if framework == "jax_data_set" else ""]))
         worker = "torch" if framework == "torch" else "jax"
         cmd = [a.torch_python if framework == "torch" else sys.executable, str(pathlib.Path(
             __file__).resolve()), "--worker", worker, "--n", str(n), "--mode", mode,
             "--batch", str(a.batch), "--size", str(a.size), "--dtype", a.dtype,
-            "--impl", a.impl, "--model_set", a.model_set, "--data_set", data_set,
+            "--impl", a.impl, "--model_set", model_set, "--data_set", data_set,
             "--torch_threads", str(a.torch_threads), "--compiler_options", a.compiler_options]
         env = dict(os.environ)
         if worker == "jax" and a.xla_flags is not None:
@@ -297,7 +327,8 @@ def measure(n: int, mode: str, frameworks: list[str], a: argparse.Namespace) -> 
             med = statistics.median(w.times)
             records[w.framework] = {
                 "framework": w.framework, "n_inputs": n, "mode": mode, "batch": a.batch,
-                "size": a.size, "dtype": a.dtype if w.framework == "jax" else "float32",
+                "size": a.size, "dtype": a.dtype if w.framework != "torch" or a.dtype == "float32"
+                else f"{a.dtype} (autocast)",
                 "samples_per_s": round(a.batch / med, 3), "step_median_s": round(med, 4),
                 "step_min_s": round(min(w.times), 4), "step_max_s": round(max(w.times), 4),
                 "timed_steps": len(w.times), "step_times_s": [round(t, 4) for t in w.times],
@@ -329,6 +360,9 @@ def main(argv=None) -> None:
     p.add_argument("--ab", action="store_true",
                    help="train_aug: time the step with and without --data_set side by side "
                         "(alternating workers) and emit their ratio (e.g. stain augmentation's cost)")
+    p.add_argument("--ab_model_set", default="",
+                   help="with --ab: model config fields of the second JAX worker only, e.g. "
+                        "trunk=scan (then every mode is timed A/B)")
     p.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX workers")
     p.add_argument("--compiler_options", choices=("histo_jax", "none"), default="histo_jax",
                    help="'histo_jax': steps.compiler_options() (what the trainer should use); "
@@ -355,20 +389,22 @@ def main(argv=None) -> None:
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {MODES}")
-    _emit({"host": platform.node(), "cpus": os.cpu_count(), "load": _load(),
+    _emit({"host": platform.node(), "cpus": os.cpu_count(), "cpu": hostenv.cpu_info(),
+           "load": _load(),
            "argv": sys.argv[1:], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
     for n in (int(x) for x in a.inputs.split(",")):
         torch_train = None
         for mode in modes:
             frameworks = ["jax"] + (["torch"] if a.torch and mode != "train_aug" else [])
-            if a.ab and mode == "train_aug":
+            if a.ab and (mode == "train_aug" or a.ab_model_set):
                 frameworks.append("jax_data_set")
             recs = measure(n, mode, frameworks, a)
             for r in recs.values():
                 _emit(r)
             if "jax_data_set" in recs:
                 b, v = recs["jax"], recs["jax_data_set"]
-                _emit({"ratio": f"with/without {a.data_set}", "n_inputs": n, "mode": mode,
+                _emit({"ratio": f"with/without {' '.join(filter(None, [a.data_set, a.ab_model_set]))}",
+                       "n_inputs": n, "mode": mode,
                        "step_time": round(v["step_median_s"] / b["step_median_s"], 4),
                        "step_time_min": round(v["step_min_s"] / b["step_min_s"], 4),
                        # Step k of each worker ran back to back (alternating rounds): the

@@ -83,3 +83,27 @@ def release_free_memory() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))
+
+
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """The CPU's vendor, model and the vector / matrix flags that decide XLA:CPU's and
+    oneDNN's kernels (AVX-512, AVX512-BF16, AMX); what a benchmark's first line records."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        import platform  # noqa: PLC0415 - non-Linux hosts only
+        return {"vendor": "", "model": platform.processor(), "flags": []}
+    flags = set(fields.get("flags", "").split())
+    return {"vendor": fields.get("vendor_id", ""), "model": fields.get("model name", ""),
+            "flags": [f for f in _CPU_FLAGS if f in flags]}
+

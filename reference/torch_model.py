@@ -92,11 +92,13 @@ class Encoder(nn.Module):
 
 
 def make_train_step(model: nn.Module, class_weights: torch.Tensor, total_steps: int,
-                    max_lr: float = 3e-4, clip: float = 1.0, on_step=None):
+                    max_lr: float = 3e-4, clip: float = 1.0, on_step=None,
+                    autocast: torch.dtype | None = None):
     """The reference training step as a closure ``step(images, labels) -> loss``.
 
     ``on_step(logits, loss)``, if given, is called after the backward pass and before
-    clipping (the parameters' ``.grad`` then hold the raw gradients).
+    clipping (the parameters' ``.grad`` then hold the raw gradients). ``autocast``
+    (e.g. ``torch.bfloat16``): the forward pass under CPU autocast, the loss in float32.
     """
     opt = torch.optim.Adam(model.parameters(), lr=max_lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps)
@@ -105,8 +107,10 @@ def make_train_step(model: nn.Module, class_weights: torch.Tensor, total_steps: 
     def step(images: torch.Tensor, labels: torch.Tensor) -> float:
         model.train()
         opt.zero_grad(set_to_none=True)
-        logits, _ = model(images)
-        loss = loss_fn(logits, labels)
+        with torch.autocast(images.device.type, dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            logits, _ = model(images)
+        loss = loss_fn(logits.float(), labels)
         loss.backward()
         if on_step is not None:
             on_step(logits.detach(), loss.detach())

@@ -377,3 +377,55 @@ def test_stochastic_depth_and_dropout_scale_kept_values():
     assert 0.15 < (per_row == 0).all(1).mean() < 0.35
     d = np.asarray(layers.dropout(jnp.ones((10000,)), 0.5, jax.random.key(1)))
     assert set(np.unique(d)) == {0.0, 2.0} and 0.45 < (d == 0).mean() < 0.55
+
+
+def test_trunk_per_input_calls_equal_folded():
+    """model.trunk='scan' (the encoder once per input, in a lax.scan) == 'folded' (one call,
+    statistics grouped per input): train-mode logits, gradients and running statistics; and
+    'scan' and 'unrolled' (N calls: in training, the reference structure of
+    test_per_input_statistics_equal_one_encoder_call_per_input) == 'folded' in eval mode.
+    Random ops off: the calls draw their keys differently."""
+    n, b = 2, 2
+    x = _images((b, n, 48, 48, 3), seed=3)
+    trunks = ("folded", "scan", "unrolled")
+    models = {t: build_model(tiny_cfg(trunk=t, dropout=0.0, attn_dropout=0.0,
+                                      stochastic_depth=0.0), n, nnx.Rngs(params=0))
+              for t in trunks}
+
+    def step(model):
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            m = nnx.merge(graph, params, rest, copy=True)
+            logits, _ = m(x, rngs=nnx.Rngs(dropout=0))
+            return jnp.sum(logits * jnp.arange(1.0, 3.0)), (logits, nnx.state(m, nnx.BatchStat))
+        (_, (logits, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, grads, stats
+
+    l0, g0, s0 = step(models["folded"])
+    assert sum(np.abs(np.asarray(v)).sum() for v in jax.tree.leaves(g0)) > 0
+    for trunk in ("scan",):
+        l1, g1, s1 = step(models[trunk])
+        _assert_trees_close(l1, l0, 1e-4, f"{trunk} logits")
+        _assert_trees_close(g1, g0, 1e-4, f"{trunk} gradient")
+        _assert_trees_close(s1, s0, 1e-5, f"{trunk} running statistics")
+    for m in models.values():
+        m.eval()
+    e0 = _eval_call(models["folded"], x)[0]
+    for trunk in trunks[1:]:
+        _assert_trees_close(_eval_call(models[trunk], x)[0], e0, 1e-5, f"{trunk} eval logits")
+        with pytest.raises(ValueError, match=f"trunk='{trunk}'.*bn_stats='per_input'"):
+            build_model(tiny_cfg(trunk=trunk, bn_stats="joint"), n, nnx.Rngs(params=0))
+
+
+def test_trunk_auto_is_folded_in_training_and_scan_in_eval():
+    model = build_model(tiny_cfg(trunk="auto"), 2, nnx.Rngs(params=0))
+    x = _images((2, 2, 32, 32, 3))
+
+    def primitives(m, train):
+        graph, state = nnx.split(m)
+        return str(jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(
+            x, rngs=nnx.Rngs(dropout=0) if train else None)[0])(state, x))
+    assert " scan[" not in primitives(model, True)
+    model.eval()
+    assert " scan[" in primitives(model, False)

@@ -13,6 +13,7 @@ VARIANTS: dict[str, tuple[float, float]] = {
 
 DTYPES = ("float32", "bfloat16")
 BN_STATS = ("per_input", "joint")
+TRUNKS = ("auto", "folded", "scan", "unrolled")
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -31,6 +32,11 @@ def get_model_config() -> ml_collections.ConfigDict:
     # 'joint' (a deviation from the reference): statistics pooled over all B x N crops of the
     # step, one running update per step. Eval mode is the same for both.
     c.bn_stats = "per_input"
+    # How the shared encoder is called in a step (same numbers; a speed and memory choice):
+    # 'folded' = once over all B x N crops (statistics grouped per input); once per input over
+    # its B crops, as the original calls it, in one lax.scan ('scan') or unrolled ('unrolled':
+    # N compiled copies). 'auto' = folded in training, scan in eval (benchmarks/README.md).
+    c.trunk = "auto"
     c.pretrained = "none"       # 'none' | 'imagenet' | path to a PyTorch .pth/.safetensors file
     c.embed_dim = 128           # projection / attention width
     c.num_heads = 8

@@ -2,11 +2,15 @@
 
 Reimplements the reference ``MultiInputModule`` (docs/reference.md §3) with PyTorch semantics:
 
-* the encoder runs ONCE over all B * N crops (inputs folded into the batch axis, b-major).
-  In training its BatchNorms normalise each input with that input's own statistics and
-  update their running averages once per input, input 0 first (``bn_stats='per_input'``,
-  the reference, which calls its encoder once per input), or pool all crops
-  (``bn_stats='joint'``, a deviation);
+* the encoder runs ONCE over all B * N crops (inputs folded into the batch axis, b-major;
+  ``trunk='folded'``), or once per input over its B crops, as the original calls it:
+  inside one ``lax.scan`` (``trunk='scan'``: one compiled trunk) or unrolled
+  (``trunk='unrolled'``: N compiled trunks). ``trunk='auto'`` (the default) is folded in
+  training and scan in eval mode, the fastest and the leanest on XLA:CPU
+  (benchmarks/README.md). In training its BatchNorms normalise each input with that
+  input's own statistics and update their running averages once per input, input 0 first
+  (``bn_stats='per_input'``, the reference), or pool all crops (``bn_stats='joint'``, a
+  deviation; folded only). All trunk calls give the same numbers (a test holds them equal);
 * a shared Linear(F -> E) projects each pooled feature to a token;
 * for each input i its own ``nn.MultiheadAttention`` (query = token i, keys = values = all
   tokens, dropout on the attention weights), then the shared
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from histo_jax.models import layers
-from histo_jax.models.config import BN_STATS
+from histo_jax.models.config import BN_STATS, TRUNKS
 from histo_jax.models.efficientnet import EfficientNet, _check_images
 
 
@@ -89,14 +93,23 @@ class MultiInputClassifier(nnx.Module):
     def __init__(self, num_inputs: int, *, encoder: EfficientNet, embed_dim: int = 128,
                  num_heads: int = 8, ffn_dim: int = 512, dropout: float = 0.5,
                  attn_dropout: float = 0.5, num_classes: int = 2, ln_eps: float = 1e-5,
-                 bn_stats: str = "per_input", dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 bn_stats: str = "per_input", trunk: str = "auto", dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         if num_inputs < 1:
             raise ValueError(f"num_inputs must be >= 1, got {num_inputs}.")
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats {bn_stats!r} is unknown (config field model.bn_stats); "
                              f"use one of {BN_STATS}.")
+        if trunk not in TRUNKS:
+            raise ValueError(f"trunk {trunk!r} is unknown (config field model.trunk); "
+                             f"use one of {TRUNKS}.")
+        if trunk in ("scan", "unrolled") and bn_stats != "per_input":
+            raise ValueError(f"model.trunk='{trunk}' calls the encoder once per input, so its "
+                             "statistics are per input: it needs model.bn_stats='per_input' "
+                             "(or use model.trunk='folded' or 'auto' with bn_stats='joint').")
         self.num_inputs = num_inputs
         self.bn_stats = bn_stats
+        self.trunk = trunk
         self.encoder = encoder
         self.dtype = jnp.dtype(dtype)
         self.proj = _torch_linear(encoder.num_features, embed_dim, dtype=dtype, rngs=rngs)
@@ -128,9 +141,18 @@ class MultiInputClassifier(nnx.Module):
             raise ValueError(f"MultiInputClassifier was built for {self.num_inputs} inputs but "
                              f"got images with N = {n} (shape {tuple(images.shape)}).")
         layers.check_rngs(self, rngs, "MultiInputClassifier")
-        groups = n if self.bn_stats == "per_input" else 1
-        feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs,
-                             stat_groups=groups)                                  # (B*N, F)
+        trunk = self.trunk
+        if trunk == "auto":
+            trunk = "scan" if self.deterministic else "folded"
+        if trunk == "unrolled" and n > 1:
+            feats = jnp.stack([self.encoder(images[:, i], rngs) for i in range(n)], axis=1
+                              ).reshape(b * n, -1)                               # (B*N, F)
+        elif trunk == "scan" and n > 1:
+            feats = self._encode_each_input(images, rngs)                          # (B*N, F)
+        else:
+            groups = n if self.bn_stats == "per_input" else 1
+            feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs,
+                                 stat_groups=groups)                              # (B*N, F)
         tokens = self.proj(feats.astype(self.dtype)).reshape(b, n, -1)          # (B, N, E)
         fused, attn = [], []
         for i, mha in enumerate(self.attention):
@@ -145,3 +167,23 @@ class MultiInputClassifier(nnx.Module):
         z = jax.nn.relu(self.fc1(self._drop(z, rngs)))
         logits = self.fc2(self._drop(z, rngs))
         return logits.astype(jnp.float32), jnp.stack(attn, axis=1).astype(jnp.float32)
+
+    def _encode_each_input(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """The encoder called once per input (B crops each), input 0 first, in a ``lax.scan``:
+        one compiled trunk, whatever N. The BatchNorm statistics (the scan's carry) take one
+        update per input, in order; the parameters are shared constants of the loop."""
+        b, n = images.shape[:2]
+        graphdef, params, rest = nnx.split(self.encoder, nnx.Param, ...)
+        keys = (None if rngs is None else
+                jax.random.split(layers.next_key(rngs, "MultiInputClassifier"), n))
+
+        def one_input(rest, inputs):
+            x, key = inputs
+            encoder = nnx.merge(graphdef, params, rest)
+            feats = encoder(x, None if key is None else nnx.Rngs(dropout=key))
+            return nnx.state(encoder, nnx.Not(nnx.Param)), feats
+
+        rest, feats = jax.lax.scan(one_input, rest, (jnp.moveaxis(images, 1, 0), keys))
+        if not self.deterministic:  # eval mode changes no statistic (and may run under
+            nnx.update(self.encoder, rest)  # a plain JAX transform of the module)
+        return jnp.moveaxis(feats, 0, 1).reshape(b * n, -1)                      # b-major
