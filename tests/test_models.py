@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from histo_jax.models import EfficientNet, MultiInputClassifier, build_model, get_model_config
-from histo_jax.models import layers, plain, xla_cpu
+from histo_jax.models import fusion, layers, plain, xla_cpu
 
 
 def tiny_cfg(**overrides):
@@ -418,7 +418,7 @@ def test_trunk_per_input_calls_equal_folded():
             build_model(tiny_cfg(trunk=trunk, bn_stats="joint"), n, nnx.Rngs(params=0))
 
 
-def test_trunk_auto_is_folded_in_training_and_scan_in_eval():
+def test_trunk_auto_is_unrolled_in_cpu_training_and_scan_in_eval():
     model = build_model(tiny_cfg(trunk="auto"), 2, nnx.Rngs(params=0))
     x = _images((2, 2, 32, 32, 3))
 
@@ -426,6 +426,13 @@ def test_trunk_auto_is_folded_in_training_and_scan_in_eval():
         graph, state = nnx.split(m)
         return str(jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(
             x, rngs=nnx.Rngs(dropout=0) if train else None)[0])(state, x))
-    assert " scan[" not in primitives(model, True)
+    # Training on CPU: two encoder calls of B = 2 crops (no scan, no folded batch of 4).
+    train = primitives(model, True)
+    assert " scan[" not in train
+    assert "f32[2,32,32,3]" in train and "f32[4,32,32,3]" not in train
     model.eval()
     assert " scan[" in primitives(model, False)
+    assert fusion.resolve_trunk("auto", False, "per_input", backend="gpu") == "folded"
+    assert fusion.resolve_trunk("auto", False, "joint", backend="cpu") == "folded"
+    assert fusion.resolve_trunk("auto", True, "per_input", backend="gpu") == "scan"
+    assert fusion.resolve_trunk("folded", True, "per_input", backend="cpu") == "folded"

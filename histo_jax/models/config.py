@@ -35,7 +35,8 @@ def get_model_config() -> ml_collections.ConfigDict:
     # How the shared encoder is called in a step (same numbers; a speed and memory choice):
     # 'folded' = once over all B x N crops (statistics grouped per input); once per input over
     # its B crops, as the original calls it, in one lax.scan ('scan') or unrolled ('unrolled':
-    # N compiled copies). 'auto' = folded in training, scan in eval (benchmarks/README.md).
+    # N compiled copies). 'auto' = unrolled in training on CPU (folded on other backends or
+    # with bn_stats='joint'), scan in eval (fusion.resolve_trunk, benchmarks/README.md).
     c.trunk = "auto"
     c.pretrained = "none"       # 'none' | 'imagenet' | path to a PyTorch .pth/.safetensors file
     c.embed_dim = 128           # projection / attention width
