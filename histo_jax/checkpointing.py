@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from histo_jax import failstop
 from histo_jax.workdir import WorkdirError, WriteFailedError, failure_reason
 
 log = logging.getLogger(__name__)
@@ -177,11 +178,6 @@ def _restore_args(target):
     return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 class Checkpoints:
     """The latest-state and best-weights checkpoints of one workdir."""
 
@@ -233,9 +229,9 @@ class Checkpoints:
             except IncompatibleStateError:
                 raise
             except Exception as e:  # noqa: BLE001 - any damage means: try the previous one
-                failures.append(f"{where}: {_first_line(e)}")
+                failures.append(f"{where}: {failstop.describe(e)}")
                 log.warning("Checkpoint %s cannot be restored (%s); falling back to the previous "
-                            "one.", where, _first_line(e))
+                            "one.", where, failstop.describe(e))
                 continue
             return step, restored["state"], loop
         if failures:
@@ -253,7 +249,7 @@ class Checkpoints:
                 data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
         except Exception as e:  # noqa: BLE001
             log.info("The data iterator of %s/%d cannot be restored (%s).", self.latest.directory,
-                     step, _first_line(e))
+                     step, failstop.describe(e))
             return False
         return True
 

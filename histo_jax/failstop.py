@@ -290,11 +290,13 @@ def reporting():
 
 
 def exit_after_failure(e: BaseException, message: str | None = None, status: int = 1) -> None:
-    """Prints ``message`` (default: the traceback) and ends this process. With one process,
-    or for an error raised on every process, this is ``sys.exit(status)``."""
+    """Prints ``message`` (default: the traceback; ``""``: nothing, the caller has said it)
+    and ends this process. With one process, or for an error raised on every process, this
+    is ``sys.exit(status)``."""
     if message is None:
         message = "".join(traceback.format_exception(e))
-    print(message, file=sys.stderr)
+    if message:
+        print(message, file=sys.stderr)
     if _active is None or raised_everywhere(e):
         sys.exit(status)
     _active.report(e)
