@@ -8,9 +8,10 @@ Reimplements the reference ``MultiInputModule`` (docs/reference.md §3) with PyT
   (``trunk='unrolled'``: N compiled trunks). ``trunk='auto'`` (the default; see
   ``resolve_trunk``) is unrolled in training on XLA:CPU (folded elsewhere) and scan in eval
   mode, the fastest and the leanest on XLA:CPU (benchmarks/README.md). In training its
-  BatchNorms normalise each input with that input's own statistics and update their running averages once per input, input 0 first
-  (``bn_stats='per_input'``, the reference), or pool all crops (``bn_stats='joint'``, a
-  deviation; folded only). All trunk calls give the same numbers (a test holds them equal);
+  BatchNorms normalise each input with that input's own statistics and update their
+  running averages once per input, input 0 first (``bn_stats='per_input'``, the
+  reference), or pool all crops (``bn_stats='joint'``, a deviation; folded only). All
+  trunk calls give the same numbers (a test holds them equal);
 * a shared Linear(F -> E) projects each pooled feature to a token;
 * for each input i its own ``nn.MultiheadAttention`` (query = token i, keys = values = all
   tokens, dropout on the attention weights), then the shared
