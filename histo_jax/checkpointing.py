@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from histo_jax import failstop
+from histo_jax.errors import describe
 from histo_jax.workdir import WorkdirError, WriteFailedError, failure_reason
 
 log = logging.getLogger(__name__)
@@ -229,9 +229,9 @@ class Checkpoints:
             except IncompatibleStateError:
                 raise
             except Exception as e:  # noqa: BLE001 - any damage means: try the previous one
-                failures.append(f"{where}: {failstop.describe(e)}")
+                failures.append(f"{where}: {describe(e)}")
                 log.warning("Checkpoint %s cannot be restored (%s); falling back to the previous "
-                            "one.", where, failstop.describe(e))
+                            "one.", where, describe(e))
                 continue
             return step, restored["state"], loop
         if failures:
@@ -249,7 +249,7 @@ class Checkpoints:
                 data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
         except Exception as e:  # noqa: BLE001
             log.info("The data iterator of %s/%d cannot be restored (%s).", self.latest.directory,
-                     step, failstop.describe(e))
+                     step, describe(e))
             return False
         return True
 

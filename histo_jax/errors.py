@@ -21,6 +21,12 @@ class WriteFailedError(WorkdirError):
     """A file could not be written (full disk, I/O error, ...)."""
 
 
+def describe(e: BaseException) -> str:
+    """One line: the error's type and its message's first line."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 _REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
             errno.EIO: "an I/O error", errno.EROFS: "the file system is read-only",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied"}

@@ -38,6 +38,8 @@ import threading
 import time
 import traceback
 
+from histo_jax.errors import describe
+
 EXIT_PEER_FAILED = 3
 DEFAULT_TIMEOUT_S = 30.0
 _PREFIX = "histo_jax/failstop/"
@@ -59,12 +61,6 @@ def mark_raised_everywhere(e: BaseException) -> BaseException:
 
 def raised_everywhere(e: BaseException) -> bool:
     return bool(getattr(e, "raised_on_every_process", False))
-
-
-def describe(e: BaseException) -> str:
-    """One line: the error's type and its message's first line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def looks_like_lost_peer(e: BaseException) -> bool:
