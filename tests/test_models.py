@@ -436,3 +436,27 @@ def test_trunk_auto_is_unrolled_in_cpu_training_and_scan_in_eval():
     assert fusion.resolve_trunk("auto", False, "joint", backend="cpu") == "folded"
     assert fusion.resolve_trunk("auto", True, "per_input", backend="gpu") == "scan"
     assert fusion.resolve_trunk("folded", True, "per_input", backend="cpu") == "folded"
+
+
+def test_eval_chunks_equal_whole_batch():
+    """Eval mode with the batch cut into chunks per encoder call (model.eval_chunk: 3 crops,
+    the batch of 7 zero-padded to 9; and 7 whole) == the folded trunk; the automatic size."""
+    n, b = 2, 7
+    x = _images((b, n, 32, 32, 3), seed=5)
+    ref = build_model(tiny_cfg(trunk="folded"), n, nnx.Rngs(params=0))
+    ref.eval()
+    want = _eval_call(ref, x)
+    for chunk in (3, 0):
+        m = build_model(tiny_cfg(trunk="auto", eval_chunk=chunk), n, nnx.Rngs(params=0))
+        m.eval()
+        got = _eval_call(m, x)
+        _assert_trees_close(got, want, 1e-5, f"eval_chunk={chunk}")
+        graph, state = nnx.split(m)
+        jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(x)[0])(state, x))
+        assert (f"f32[{chunk or b},32,32,3]" in jaxpr) and " scan[" in jaxpr
+    assert [fusion.eval_chunk_size(b, -1, "cpu") for b in (8, 16, 17, 24, 25, 32, 100)] == [
+        8, 16, 9, 8, 5, 8, 10]
+    assert fusion.eval_chunk_size(25, -1, "gpu") == 25
+    assert fusion.eval_chunk_size(25, 40, "cpu") == 25
+    with pytest.raises(ValueError, match="model.eval_chunk"):
+        build_model(tiny_cfg(eval_chunk=-2), n, nnx.Rngs(params=0))

@@ -45,7 +45,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_inputs: int,
         num_heads=model_cfg.num_heads, ffn_dim=model_cfg.ffn_dim, dropout=model_cfg.dropout,
         attn_dropout=model_cfg.attn_dropout, num_classes=model_cfg.num_classes,
         ln_eps=model_cfg.ln_eps, bn_stats=model_cfg.get("bn_stats", "per_input"),
-        trunk=model_cfg.get("trunk", "auto"), dtype=dtype,
+        trunk=model_cfg.get("trunk", "auto"), eval_chunk=model_cfg.get("eval_chunk", -1),
+        dtype=dtype,
         rngs=rngs)
     pretrained = str(model_cfg.get("pretrained", "none") or "none")
     if pretrained != "none":

@@ -38,6 +38,10 @@ def get_model_config() -> ml_collections.ConfigDict:
     # N compiled copies). 'auto' = unrolled in training on CPU (folded on other backends or
     # with bn_stats='joint'), scan in eval (fusion.resolve_trunk, benchmarks/README.md).
     c.trunk = "auto"
+    # Crops per encoder call in eval mode (crops are independent there; same numbers): -1 =
+    # auto (on CPU about 8, cache-sized: faster and leaner; the whole batch elsewhere),
+    # 0 = the whole batch, k > 0 = k (fusion.eval_chunk_size).
+    c.eval_chunk = -1
     c.pretrained = "none"       # 'none' | 'imagenet' | path to a PyTorch .pth/.safetensors file
     c.embed_dim = 128           # projection / attention width
     c.num_heads = 8
