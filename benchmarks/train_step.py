@@ -138,6 +138,8 @@ def jax_worker(a: argparse.Namespace) -> None:
     graphs, params, batch_stats = steps.split_model(model)
     del model
     build_s = time.perf_counter() - t0
+    if a.release_build_memory:
+        hostenv.release_build_memory()  # as the trainer and predict do after building
 
     mesh = parallel.make_mesh()
     repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -175,8 +177,7 @@ def jax_worker(a: argparse.Namespace) -> None:
             holder["state"], metrics = compiled(holder["state"], batch, key)
             return metrics
     rss_compile = _rss_peak_mb()
-    if a.mode != "eval":
-        hostenv.release_free_memory()  # as the trainer does after compiling its train step
+    hostenv.release_free_memory()  # as the trainer and predict do after compiling a step
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     first_s = time.perf_counter() - t0
@@ -275,6 +276,8 @@ class Worker:
             "--batch", str(a.batch), "--size", str(a.size), "--dtype", a.dtype,
             "--impl", a.impl, "--model_set", model_set, "--data_set", data_set,
             "--torch_threads", str(a.torch_threads), "--compiler_options", a.compiler_options]
+        if not a.release_build_memory:
+            cmd.append("--no_release_build_memory")
         env = dict(os.environ)
         if worker == "jax" and a.xla_flags is not None:
             env["XLA_FLAGS"] = a.xla_flags
@@ -367,6 +370,9 @@ def main(argv=None) -> None:
     p.add_argument("--compiler_options", choices=("histo_jax", "none"), default="histo_jax",
                    help="'histo_jax': steps.compiler_options() (what the trainer should use); "
                         "'none': XLA defaults")
+    p.add_argument("--no_release_build_memory", dest="release_build_memory",
+                   action="store_false", help="keep the caches of the eager model build "
+                   "(hostenv.release_build_memory, which the trainer and predict call)")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--torch_threads", type=int, default=2)
     default_torch_py = ROOT / ".venv-torch" / "bin" / "python"

@@ -116,7 +116,7 @@ def test_on(run_dir: str, data_dir: str, out: str) -> dict:
     """Test metrics of a finished run's best weights on every sample of ``data_dir`` (its
     preparation is cached and shared by all cells), with the run's preprocessing and stain
     normaliser; written to ``out`` (reused when it exists)."""
-    from histo_jax import parallel, predict, steps  # noqa: PLC0415 - predict imports train
+    from histo_jax import hostenv, parallel, predict, steps  # noqa: PLC0415 - predict imports train
     from histo_jax.data import pipeline, sources  # noqa: PLC0415
     from histo_jax.metrics import classification_metrics  # noqa: PLC0415
 
@@ -131,11 +131,10 @@ def test_on(run_dir: str, data_dir: str, out: str) -> dict:
     graphs, params, batch_stats = steps.split_model(model)
     repl = parallel.replicated(mesh)
     params, batch_stats = jax.device_put((params, batch_stats), repl)
-    eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization,
-                                             stain_lib.from_config(data_cfg.stain)),
-                        in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
-                        compiler_options=steps.compiler_options(
-                            memory_scheduler=cfg.xla_cpu_memory_scheduler))
+    eval_step = hostenv.CompiledOnFirstCall(jax.jit(
+        steps.make_eval_step(graphs, data_cfg.normalization, stain_lib.from_config(data_cfg.stain)),
+        in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
+        compiler_options=steps.compiler_options(memory_scheduler=cfg.xla_cpu_memory_scheduler)))
     loader = pipeline.make_eval_loader(
         source, np.arange(len(source)), global_batch_size=cfg.eval_batch_size,
         num_inputs=cfg.num_inputs, process_index=jax.process_index(),

@@ -85,6 +85,37 @@ def release_free_memory() -> bool:
     return bool(trim(0))
 
 
+class CompiledOnFirstCall:
+    """A jitted step compiled ahead of its first call (on that call's arguments; again for
+    arguments of new shapes), so that the compiler's freed memory goes back to the system
+    (:func:`release_free_memory`) before the step allocates its own."""
+
+    def __init__(self, jitted):
+        self.jitted, self.compiled = jitted, {}
+
+    def __call__(self, *args):
+        import jax
+        key = tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))))
+                    for x in jax.tree.leaves(args))
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(*args).compile()
+            release_free_memory()
+        return self.compiled[key](*args)
+
+
+def release_build_memory() -> bool:
+    """After a model is built eagerly (op by op), before any step is compiled: empties JAX's
+    caches, which hold the small program each of those ops compiled, and returns the freed
+    heap to the system (``malloc_trim``). EfficientNet-B0 with 4 inputs: 373 -> 263 MB of
+    RSS. Every jit cache is emptied, so call it once, at set-up."""
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
+    return release_free_memory()
+
+
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 

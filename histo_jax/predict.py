@@ -130,8 +130,9 @@ def predict_folder(config: ml_collections.ConfigDict, model: nnx.Module, data_di
         probs = sum(jax.nn.softmax(o[0], -1) for o in outs) / len(outs)
         return jax.numpy.log(probs), sum(o[1] for o in outs) / len(outs)
 
-    eval_fn = jax.jit(eval_fn, in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
-                      compiler_options=steps.compiler_options())
+    eval_fn = hostenv.CompiledOnFirstCall(jax.jit(
+        eval_fn, in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
+        compiler_options=steps.compiler_options()))
     loader = pipeline.make_eval_loader(
         source, np.arange(len(source)), global_batch_size=batch_size, num_inputs=n_in,
         num_workers=data_cfg.num_workers, process_index=jax.process_index(),
@@ -278,6 +279,7 @@ def _main(argv):
             config, model = load_run(FLAGS.run)
         else:
             config, model = load_pytorch_run(FLAGS.pytorch, FLAGS.image_size)
+        hostenv.release_build_memory()  # before any step compiles (histo_jax/hostenv.py)
         if FLAGS.stain:
             use_stain_file(config, FLAGS.stain)
         stain_lib.from_config(config.data.stain)  # a bad stain file is reported before any work

@@ -69,3 +69,28 @@ def test_release_free_memory_returns_freed_heap_pages():
                          check=True).stdout.split()
     assert out[0] == "True"
     assert int(out[1]) > 200 * 1024  # kB: most of the 256 MB went back to the system
+
+
+def test_compiled_on_first_call_compiles_once_per_shape_and_build_caches_can_go(monkeypatch):
+    """CompiledOnFirstCall: one ahead-of-time compile (then malloc_trim) per argument shape,
+    the jitted function's numbers; release_build_memory empties the jit caches."""
+    import jax
+    import jax.numpy as jnp
+    trims = []
+    monkeypatch.setattr(hostenv, "release_free_memory", lambda: trims.append(1) or True)
+    traced = []
+
+    def f(x):
+        traced.append(x.shape)
+        return x * 2 + 1
+
+    step = hostenv.CompiledOnFirstCall(jax.jit(f))
+    for shape in ((3,), (3,), (2, 2), (3,)):
+        x = jnp.arange(int(jnp.prod(jnp.asarray(shape))), dtype=jnp.float32).reshape(shape)
+        assert jnp.array_equal(step(x), x * 2 + 1)
+    assert traced == [(3,), (2, 2)] and len(trims) == 2 and len(step.compiled) == 2
+    jitted = jax.jit(f)
+    jitted(jnp.ones(4))
+    assert jitted._cache_size() == 1
+    hostenv.release_build_memory()
+    assert jitted._cache_size() == 0 and len(trims) == 3

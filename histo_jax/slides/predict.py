@@ -42,7 +42,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from histo_jax import errors, parallel, steps
+from histo_jax import errors, hostenv, parallel, steps
 from histo_jax.metrics import softmax
 from histo_jax.slides import annotations as ann_lib
 from histo_jax.slides import geometry, pictures
@@ -150,6 +150,7 @@ def predict_slides(config: ml_collections.ConfigDict, model, slide_paths: Sequen
         spec = jax.ShapeDtypeStruct((batch_size, n_in, size, size, 3), np.uint8,
                                     sharding=parallel.batch_sharding(mesh))
         eval_fn = eval_fn.lower(params, batch_stats, spec).compile()
+        hostenv.release_free_memory()
     t_compile = time.perf_counter() - t
     lo = jax.process_index() * local
     read_seconds = [0.0]
