@@ -47,6 +47,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # libraries: warnings only; histo_jax: info
     std_logging.getLogger("histo_jax").setLevel(std_logging.INFO)
     config = FLAGS.config
+    hostenv.keep_step_memory()  # XLA:CPU: step buffers stay resident (histo_jax/hostenv.py)
     parallel.maybe_initialize_distributed(config.failure_timeout_s)
     workdir = FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])

@@ -109,6 +109,7 @@ def _extraction(paths, args, scratch):
 
 
 def _prediction(paths, args, scratch):
+    hostenv.keep_step_memory()  # as python -m histo_jax.predict does
     import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
@@ -123,6 +124,7 @@ def _prediction(paths, args, scratch):
     config.model.pretrained = "none"
     config.eval_batch_size = args.batch_size
     model = build_model(config.model, 4, nnx.Rngs(params=0))
+    hostenv.release_build_memory()
     model.eval()
     out = os.path.join(scratch, "predict")
     s = predict_slides(config, model, paths, out, stride=args.stride, num_workers=args.workers,

@@ -35,6 +35,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,6 @@ def _rss_peak_mb() -> float:
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -93,14 +93,23 @@ def _serve(run_steps, info: dict, extra_final=None) -> None:
     info["rss_peak_after_first_step_mb"] = round(_rss_peak_mb(), 1)
     _emit(info)
     reset = _reset_rss_peak()
+    cpu = {"user": 0.0, "sys": 0.0, "minflt": 0}
     for line in sys.stdin:
         cmd = line.split()
         if cmd and cmd[0] == "run":
-            _emit({"times": run_steps(int(cmd[1]))})
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            times = run_steps(int(cmd[1]))
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu["user"] += r1.ru_utime - r0.ru_utime
+            cpu["sys"] += r1.ru_stime - r0.ru_stime
+            cpu["minflt"] += r1.ru_minflt - r0.ru_minflt
+            _emit({"times": times})
         elif cmd and cmd[0] == "quit":
             steps_peak = _rss_peak_mb()
             final = {"rss_peak_mb": round(max(steps_peak, info["rss_peak_after_first_step_mb"]), 1),
-                     "rss_peak_steps_mb": round(steps_peak, 1) if reset else None}
+                     "rss_peak_steps_mb": round(steps_peak, 1) if reset else None,
+                     "timed_cpu_user_s": round(cpu["user"], 2),
+                     "timed_cpu_sys_s": round(cpu["sys"], 2), "timed_minor_faults": cpu["minflt"]}
             if extra_final:
                 final.update(extra_final())
             _emit(final)
@@ -110,12 +119,15 @@ def _serve(run_steps, info: dict, extra_final=None) -> None:
 def jax_worker(a: argparse.Namespace) -> None:
     """Builds the histo_jax model and step for (N, mode), compiles, then serves timed steps."""
     sys.path.insert(0, str(ROOT))
+    from histo_jax import hostenv
+    hostenv.keep_step_memory()  # as main.py and predict do
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from histo_jax import hostenv, optim, parallel, steps
+    from histo_jax import optim, parallel, steps
     from histo_jax.config import get_base_config
     from histo_jax.data import augment
     from histo_jax.models import build_model

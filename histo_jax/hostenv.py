@@ -1,19 +1,33 @@
-"""Host memory setting for XLA:CPU: transparent huge pages for glibc's malloc.
+"""Host memory settings for XLA:CPU: glibc's malloc told to use huge pages and to keep the
+memory a step frees, so that the next step does not page-fault it back in.
 
-XLA:CPU allocates each step's temp buffer (now 0.8 GB for a 1-input train step at batch 25
-and 3.1 GB for 4 inputs; 2.1 and 8.4 GB when this was measured) with ``posix_memalign`` on
-a worker thread. glibc serves an allocation that large in a thread arena with a fresh
-``mmap`` and unmaps it on free, so every step page-faults the whole buffer back in, 4 KiB
-at a time. For the 4-input step that was 2.1 M page faults and about 3 s of kernel time out
-of 12.6 s. With the glibc tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35), malloc asks
-for transparent huge pages on its mappings: about 6 K faults per step, and the step took
-9.4 s.
+XLA:CPU allocates each step's temp buffer (0.8 GB for a 1-input train step at batch 25,
+2.2 GB for 3 inputs, 3.1 GB for 4) with ``posix_memalign``. glibc serves an allocation that
+large with a fresh ``mmap`` and unmaps it on free, so every step page-faults the whole
+buffer back in:
+
+* 4 KiB at a time, that was 2.1 M faults and about 3 s of kernel time out of a 12.6 s
+  4-input step. ``glibc.malloc.hugetlb=1`` (glibc >= 2.35: transparent huge pages for
+  malloc) cut it to about 6 K faults per step.
+* Even so, each fault zeroes a fresh 2 MiB page. On a virtual machine the pages a process
+  freed may go back to the host, and beside another busy process (the PyTorch worker of
+  ``benchmarks/train_step.py``) the kernel then spent 3-5 s per 3-input step in
+  ``clear_page`` (``perf``): 6.4-8.2 s per step against 4.4 s alone.
+
+So glibc is also told never to ``mmap`` (``glibc.malloc.mmap_max=0``: large blocks come from
+the heap) and never to shrink the heap on its own (``glibc.malloc.trim_threshold``, 64 GiB),
+and XLA:CPU runs programs on the thread that calls them (:func:`keep_step_memory`), since
+glibc's per-thread arenas fall back to ``mmap`` for blocks this large. The step's buffer then
+comes from the main heap and stays there for the next step: a 3-input step beside PyTorch
+takes 4.3 s, steadily, with 0.07 s of kernel time. Memory is handed back to the system
+where it counts, after compiling (:func:`release_free_memory`).
 
 glibc reads tunables once, when the process starts. So the entry points (``main.py``,
 ``python -m histo_jax.predict``, the benchmarks) call :func:`reexec_with_malloc_tuning`
-first, and it restarts the same command line once with the tunable set. The restart is
-skipped when the setting is already there, on non-Linux hosts, when the kernel has
-transparent huge pages off, or when ``HISTO_JAX_MALLOC_TUNING=0``.
+first, and it restarts the same command line once with the tunables set. Tunables the user
+set are kept; the restart is skipped when all are there, on non-Linux hosts, or when
+``HISTO_JAX_MALLOC_TUNING=0``; huge pages are asked for only when the kernel has
+transparent huge pages on.
 
 :func:`release_free_memory` hands the heap memory that compiling left free back to the
 system (``malloc_trim``): XLA's compiler peaks at ~2.3 GB for the 4-input train step, and
@@ -28,7 +42,10 @@ import os
 import sys
 from typing import Mapping
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+KEEP_MEMORY = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
+TUNABLES = (HUGE_PAGES, *KEEP_MEMORY)
+TUNABLE = ":".join(TUNABLES)  # what a restart adds to an environment without tunables
 OPT_OUT_ENV = "HISTO_JAX_MALLOC_TUNING"
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -46,13 +63,28 @@ def tuned_environment(environ: Mapping[str, str], *, thp_available: bool | None 
     if environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
+    present = {t.split("=", 1)[0] for t in tunables.split(":") if t}
+    wanted = TUNABLES if (_thp_available() if thp_available is None else thp_available) \
+        else KEEP_MEMORY
+    missing = [t for t in wanted if t.split("=", 1)[0] not in present]
+    if not missing:
         return None  # Already set, by us or by the user.
-    if not (_thp_available() if thp_available is None else thp_available):
-        return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
+    env["GLIBC_TUNABLES"] = ":".join([tunables, *missing] if tunables else missing)
     return env
+
+
+def keep_step_memory() -> bool:
+    """Makes XLA:CPU run each program on the calling thread (``jax_cpu_enable_async_dispatch``
+    off) when glibc keeps freed memory (``KEEP_MEMORY`` in ``GLIBC_TUNABLES``), so that a
+    step's buffers come from the main heap and stay resident for the next step (module
+    docstring). Returns whether it did; other backends are not affected. Call it in an entry
+    point, before the first computation."""
+    if not all(t.split("=", 1)[0] in os.environ.get("GLIBC_TUNABLES", "") for t in KEEP_MEMORY):
+        return False
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
 
 
 def reexec_with_malloc_tuning() -> None:

@@ -274,6 +274,7 @@ def _main(argv):
         raise app.UsageError("Give exactly one of --data_dir=FOLDER or --slides=SLIDES.")
     if len(argv) > 1 and not FLAGS.slides:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    hostenv.keep_step_memory()  # XLA:CPU: step buffers stay resident (histo_jax/hostenv.py)
     try:
         if FLAGS.run:
             config, model = load_run(FLAGS.run)

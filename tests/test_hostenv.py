@@ -14,14 +14,36 @@ def test_adds_the_tunable_once_and_keeps_the_users_tunables():
     env = hostenv.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp_available=True)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hostenv.TUNABLE
     # Already there (the restarted process, or the user's own choice): nothing to do.
-    assert hostenv.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
-                                     thp_available=True) is None
+    assert hostenv.tuned_environment(env, thp_available=True) is None
+    # The user's own value of one tunable is kept; the others are added.
+    env = hostenv.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+                                    thp_available=True)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0:" + ":".join(hostenv.KEEP_MEMORY)
     assert hostenv.tuned_environment(env, thp_available=True) is None
 
 
-def test_opt_out_and_no_huge_pages_mean_no_restart():
+def test_opt_out_means_no_restart_and_no_huge_pages_means_keep_memory_only():
     assert hostenv.tuned_environment({hostenv.OPT_OUT_ENV: "0"}, thp_available=True) is None
-    assert hostenv.tuned_environment({}, thp_available=False) is None
+    env = hostenv.tuned_environment({}, thp_available=False)
+    assert env["GLIBC_TUNABLES"] == ":".join(hostenv.KEEP_MEMORY)
+    assert hostenv.tuned_environment(env, thp_available=False) is None
+
+
+def test_keep_step_memory_runs_programs_on_the_calling_thread_only_with_the_tunables():
+    """keep_step_memory turns XLA:CPU's async dispatch off when glibc keeps freed memory
+    (the step buffers then come from the main heap and stay for the next step; measured in
+    benchmarks/README.md), and leaves it on otherwise."""
+    script = ("from histo_jax import hostenv\n"
+              "kept = hostenv.keep_step_memory()\n"
+              "import jax\n"
+              "print(kept, jax.config.values['jax_cpu_enable_async_dispatch'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = {}
+    for name, tunables in (("kept", hostenv.TUNABLE), ("default", "glibc.malloc.hugetlb=1")):
+        env["GLIBC_TUNABLES"] = tunables
+        out[name] = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                   text=True, check=True).stdout.split()
+    assert out == {"kept": ["True", "False"], "default": ["False", "True"]}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not hostenv._thp_available(),
@@ -58,7 +80,8 @@ def test_release_free_memory_returns_freed_heap_pages():
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
         "ptrs = [libc.malloc(64 * 1024) for _ in range(4000)]\n"  # 256 MB of heap chunks
         "for p in ptrs: ctypes.memset(p, 1, 64 * 1024)\n"
-        "keep = libc.malloc(16)\n"  # pins the heap top, so free() alone cannot shrink it
+        "keep = libc.malloc(100 * 1024)\n"  # from the heap top (no free chunk that large):
+        # it pins the top, so free() alone cannot shrink the heap
         "for p in ptrs: libc.free(p)\n"
         "before = rss()\n"
         "released = hostenv.release_free_memory()\n"
