@@ -66,6 +66,7 @@ NOT_IN_IDENTITY = {
     "keep_checkpoints": "how many latest states are kept",
     "failure_timeout_s": "how soon the processes of a multi-host run stop when one fails",
     "model.trunk": "how the encoder is called in a step (the same numbers)",
+    "model.eval_chunk": "how many crops an eval-mode encoder call takes (the same numbers)",
     "data.num_workers": "loader worker processes (the batches do not depend on them)",
     "data.dir": "where the source folder is (the data are identified by their fingerprint)",
     "data.demo_dir": "where the demo dataset is written (idem)",
