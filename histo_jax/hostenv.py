@@ -19,7 +19,7 @@ the heap) and never to shrink the heap on its own (``glibc.malloc.trim_threshold
 and XLA:CPU runs programs on the thread that calls them (:func:`keep_step_memory`), since
 glibc's per-thread arenas fall back to ``mmap`` for blocks this large. The step's buffer then
 comes from the main heap and stays there for the next step: a 3-input step beside PyTorch
-takes 4.3 s, steadily, with 0.07 s of kernel time. Memory is handed back to the system
+takes 4.3 s, steadily, with 0.07 s of kernel time per step. Memory is handed back to the system
 where it counts, after compiling (:func:`release_free_memory`).
 
 glibc reads tunables once, when the process starts. So the entry points (``main.py``,
@@ -80,7 +80,10 @@ def keep_step_memory() -> bool:
     step's buffers come from the main heap and stay resident for the next step (module
     docstring). Returns whether it did; other backends are not affected. Call it in an entry
     point, before the first computation."""
-    if not all(t.split("=", 1)[0] in os.environ.get("GLIBC_TUNABLES", "") for t in KEEP_MEMORY):
+    tunables = dict(t.split("=", 1) for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                    if "=" in t)
+    if (tunables.get("glibc.malloc.mmap_max") != "0"
+            or "glibc.malloc.trim_threshold" not in tunables):
         return False
     import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -39,11 +39,13 @@ def test_keep_step_memory_runs_programs_on_the_calling_thread_only_with_the_tuna
               "print(kept, jax.config.values['jax_cpu_enable_async_dispatch'])\n")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = {}
-    for name, tunables in (("kept", hostenv.TUNABLE), ("default", "glibc.malloc.hugetlb=1")):
+    for name, tunables in (("kept", hostenv.TUNABLE), ("default", "glibc.malloc.hugetlb=1"),
+                           ("mmap", "glibc.malloc.mmap_max=65536:glibc.malloc.trim_threshold=1")):
         env["GLIBC_TUNABLES"] = tunables
         out[name] = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                                    text=True, check=True).stdout.split()
-    assert out == {"kept": ["True", "False"], "default": ["False", "True"]}
+    assert out == {"kept": ["True", "False"], "default": ["False", "True"],
+                   "mmap": ["False", "True"]}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not hostenv._thp_available(),
