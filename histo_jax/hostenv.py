@@ -58,12 +58,17 @@ def _thp_available() -> bool:
         return False
 
 
+def _parse_tunables(text: str) -> dict[str, str]:
+    """``GLIBC_TUNABLES`` text ('name=value:name=value') as a dict."""
+    return dict(t.split("=", 1) for t in text.split(":") if "=" in t)
+
+
 def tuned_environment(environ: Mapping[str, str], *, thp_available: bool | None = None) -> dict | None:
     """The environment to restart with, or None when nothing needs to change."""
     if environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    present = {t.split("=", 1)[0] for t in tunables.split(":") if t}
+    present = _parse_tunables(tunables)
     wanted = TUNABLES if (_thp_available() if thp_available is None else thp_available) \
         else KEEP_MEMORY
     missing = [t for t in wanted if t.split("=", 1)[0] not in present]
@@ -80,8 +85,7 @@ def keep_step_memory() -> bool:
     step's buffers come from the main heap and stay resident for the next step (module
     docstring). Returns whether it did; other backends are not affected. Call it in an entry
     point, before the first computation."""
-    tunables = dict(t.split("=", 1) for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
-                    if "=" in t)
+    tunables = _parse_tunables(os.environ.get("GLIBC_TUNABLES", ""))
     if (tunables.get("glibc.malloc.mmap_max") != "0"
             or "glibc.malloc.trim_threshold" not in tunables):
         return False

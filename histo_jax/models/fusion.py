@@ -186,7 +186,9 @@ class MultiInputClassifier(nnx.Module):
         if trunk == "unrolled" and n > 1:
             feats = jnp.stack([self.encoder(images[:, i], rngs) for i in range(n)], axis=1
                               ).reshape(b * n, -1)                               # (B*N, F)
-        elif trunk == "scan" and (n > 1 or self.deterministic):
+        elif trunk == "scan" and self.deterministic:
+            feats = self._encode_in_chunks(images)                                 # (B*N, F)
+        elif trunk == "scan" and n > 1:
             feats = self._encode_each_input(images, rngs)                          # (B*N, F)
         else:
             groups = n if self.bn_stats == "per_input" else 1
@@ -207,24 +209,30 @@ class MultiInputClassifier(nnx.Module):
         logits = self.fc2(self._drop(z, rngs))
         return logits.astype(jnp.float32), jnp.stack(attn, axis=1).astype(jnp.float32)
 
-    def _encode_each_input(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        """The encoder called once per input (B crops each), input 0 first, in a ``lax.scan``:
-        one compiled trunk, whatever N. The BatchNorm statistics (the scan's carry) take one
-        update per input, in order; the parameters are shared constants of the loop. In eval
-        mode a call takes ``eval_chunk_size`` crops (the batch zero-padded to a multiple of
-        it, the padding's features dropped)."""
+    def _encode_in_chunks(self, images: jax.Array) -> jax.Array:
+        """Eval mode: the encoder in a ``lax.scan`` over chunks of ``eval_chunk_size`` crops,
+        input 0 first (the batch zero-padded to a multiple of the chunk, the padding's
+        features dropped). Crops are independent in eval mode, so any chunking gives the
+        same numbers."""
         b, n = images.shape[:2]
         graphdef, params, rest = nnx.split(self.encoder, nnx.Param, ...)
+        c = eval_chunk_size(b, self.eval_chunk)
+        bp = -(-b // c) * c
         xs = jnp.moveaxis(images, 1, 0)                                         # (N, B, ...)
-        if self.deterministic:
-            c = eval_chunk_size(b, self.eval_chunk)
-            bp = -(-b // c) * c
-            if bp > b:
-                xs = jnp.pad(xs, ((0, 0), (0, bp - b)) + ((0, 0),) * (xs.ndim - 2))
-            xs = xs.reshape((n * bp // c, c) + xs.shape[2:])
-            _, feats = jax.lax.scan(
-                lambda carry, x: (carry, nnx.merge(graphdef, params, rest)(x)), None, xs)
-            return jnp.moveaxis(feats.reshape(n, bp, -1)[:, :b], 0, 1).reshape(b * n, -1)
+        if bp > b:
+            xs = jnp.pad(xs, ((0, 0), (0, bp - b)) + ((0, 0),) * (xs.ndim - 2))
+        xs = xs.reshape((n * bp // c, c) + xs.shape[2:])
+        _, feats = jax.lax.scan(
+            lambda carry, x: (carry, nnx.merge(graphdef, params, rest)(x)), None, xs)
+        return jnp.moveaxis(feats.reshape(n, bp, -1)[:, :b], 0, 1).reshape(b * n, -1)
+
+    def _encode_each_input(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """Training: the encoder called once per input (B crops each), input 0 first, in a
+        ``lax.scan``: one compiled trunk, whatever N. The BatchNorm statistics (the scan's
+        carry) take one update per input, in order; the parameters are shared constants of
+        the loop."""
+        b, n = images.shape[:2]
+        graphdef, params, rest = nnx.split(self.encoder, nnx.Param, ...)
         keys = (None if rngs is None else
                 jax.random.split(layers.next_key(rngs, "MultiInputClassifier"), n))
 
@@ -234,6 +242,6 @@ class MultiInputClassifier(nnx.Module):
             feats = encoder(x, None if key is None else nnx.Rngs(dropout=key))
             return nnx.state(encoder, nnx.Not(nnx.Param)), feats
 
-        rest, feats = jax.lax.scan(one_input, rest, (xs, keys))
+        rest, feats = jax.lax.scan(one_input, rest, (jnp.moveaxis(images, 1, 0), keys))
         nnx.update(self.encoder, rest)
         return jnp.moveaxis(feats, 0, 1).reshape(b * n, -1)                      # b-major
