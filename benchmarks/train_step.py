@@ -3,8 +3,10 @@
 For each number of inputs N and each mode, a FRESH worker process builds the model, compiles
 and times it, so that every configuration gets its own peak memory:
 
-* ``train``      ``histo_jax.steps.make_train_step`` with augmentation OFF (forward, weighted
-                 CE, backward, clip to global norm 1.0, OneCycle Adam), state donated;
+* ``train``      ``histo_jax.steps.jit_train_step`` (the trainer's: one program, or the
+                 staged chain of ``model.trunk='staged'``, the CPU default) with augmentation
+                 OFF (forward, weighted CE, backward, clip to global norm 1.0, OneCycle
+                 Adam), state donated;
 * ``train_aug``  the same step with the reference augmentation ON (the trainer's step);
 * ``eval``       ``histo_jax.steps.make_eval_step`` (eval-mode forward).
 
@@ -174,19 +176,19 @@ def jax_worker(a: argparse.Namespace) -> None:
         tx = optim.make_optimizer(cfg.optimizer, TOTAL_STEPS)
         aug = (augment.AugmentConfig.from_config(cfg.data, a.n) if a.mode == "train_aug"
                else None)
-        fn = jax.jit(steps.make_train_step(graphs, tx, aug, "none", jnp.asarray(CLASS_WEIGHTS)),
-                     in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                     donate_argnums=0)
+        # What the trainer runs: one program, or the staged chain (model.trunk 'staged').
+        step = steps.jit_train_step(graphs, tx, aug, "none", jnp.asarray(CLASS_WEIGHTS),
+                                    mesh=mesh, compiler_options=copts)
         holder = {"state": jax.device_put(steps.init_train_state(params, batch_stats, tx), repl)}
         del params, batch_stats
         batch = {"images": images, "labels": jax.device_put(labels, data)}
         key = jax.device_put(jax.random.PRNGKey(0), repl)
         t0 = time.perf_counter()
-        compiled = fn.lower(holder["state"], batch, key).compile(copts)
+        step.compile(holder["state"], batch, key)
         compile_s = time.perf_counter() - t0
 
         def call():
-            holder["state"], metrics = compiled(holder["state"], batch, key)
+            holder["state"], metrics = step(holder["state"], batch, key)
             return metrics
     rss_compile = _rss_peak_mb()
     hostenv.release_free_memory()  # as the trainer and predict do after compiling a step

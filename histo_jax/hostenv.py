@@ -132,14 +132,19 @@ class CompiledOnFirstCall:
     def __init__(self, jitted):
         self.jitted, self.compiled = jitted, {}
 
-    def __call__(self, *args):
+    def compile(self, *args):
+        """The compiled program for these arguments (arrays or ``jax.ShapeDtypeStruct``),
+        compiled now if it was not yet; its ``out_info`` describes the outputs."""
         import jax
         key = tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))))
                     for x in jax.tree.leaves(args))
         if key not in self.compiled:
             self.compiled[key] = self.jitted.lower(*args).compile()
             release_free_memory()
-        return self.compiled[key](*args)
+        return self.compiled[key]
+
+    def __call__(self, *args):
+        return self.compile(*args)(*args)
 
 
 def release_build_memory() -> bool:

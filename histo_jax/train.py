@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -301,7 +301,7 @@ class Run:
     split: dict
     class_weights: np.ndarray
     steps_per_epoch: int
-    train_step: "hostenv.CompiledOnFirstCall"
+    train_step: Callable  # steps.jit_train_step
     eval_step: Any
     base_key: jax.Array
     lr_schedule: Any
@@ -388,10 +388,8 @@ def setup_run(config, workdir, data_cfg, identity, mesh, ckpt) -> tuple[Run, Any
                                  json.dumps(stain.fitted.to_json(), indent=2), "the stain file")
     cw = jnp.asarray(weights if config.class_weighted_loss else np.ones_like(weights))
     copts = steps.compiler_options(memory_scheduler=config.xla_cpu_memory_scheduler)
-    train_step = jax.jit(
-        steps.make_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw, stain),
-        in_shardings=(repl, parallel.batch_sharding(mesh), repl), out_shardings=(repl, repl),
-        donate_argnums=0, compiler_options=copts)
+    train_step = steps.jit_train_step(graphs, tx, aug_cfg, data_cfg.normalization, cw, stain,
+                                      mesh=mesh, compiler_options=copts)
     eval_step = jax.jit(steps.make_eval_step(graphs, data_cfg.normalization, stain),
                         in_shardings=(repl, repl, parallel.batch_sharding(mesh)),
                         compiler_options=copts)
@@ -403,7 +401,7 @@ def setup_run(config, workdir, data_cfg, identity, mesh, ckpt) -> tuple[Run, Any
         source, split["val"], global_batch_size=config.eval_batch_size, num_workers=0, **loader_kw)
     run = Run(config=config, workdir=workdir, data_cfg=data_cfg, mesh=mesh, ckpt=ckpt,
               source=source, split=split, class_weights=weights, steps_per_epoch=steps_per_epoch,
-              train_step=hostenv.CompiledOnFirstCall(train_step),
+              train_step=train_step,
               eval_step=hostenv.CompiledOnFirstCall(eval_step),
               base_key=jax.device_put(jax.random.PRNGKey(config.seed), repl),
               lr_schedule=optim.make_schedules(config.optimizer, total_steps)[0], stain=stain,

@@ -39,12 +39,12 @@ def install(point: str) -> None:
 
     if name == "compile":
         from histo_jax import steps
-        make = steps.make_train_step
+        make = steps.jit_train_step
 
         def make_dying(*args, **kwargs):
             make(*args, **kwargs)
-            return lambda *a: _die()  # jax.jit traces it when the step is compiled
-        steps.make_train_step = make_dying
+            return lambda *a: _die()  # the step compiles on its first call
+        steps.jit_train_step = make_dying
     elif name == "batch":
         from histo_jax import parallel
         global_batch = parallel.global_batch

@@ -67,10 +67,19 @@ def _torch_named(model, tree) -> dict[str, np.ndarray]:
     return convert.export_state_dict(clone, "reference")
 
 
-def histo_jax_step(case: str, **model_fields) -> dict:
-    """Runs the case's step; returns ``loss``, ``logits``, and PyTorch-named dicts ``grads``,
-    ``stats`` (BatchNorm running statistics after the step), ``params`` (after the update)."""
+# How the step is compiled: the staged chain (steps.StagedTrainStep, the CPU default) or
+# one program (steps.make_grad_fn) with the encoder called once over all B x N crops, its
+# statistics grouped per input (trunk 'folded', the default on other backends). The other
+# per-input trunks equal these (tests/test_steps.py, tests/test_models.py).
+STEP_PATHS = ("staged", "one_program")
+
+
+def histo_jax_step(case: str, path: str = "staged", **model_fields) -> dict:
+    """Runs the case's step compiled as ``path``; returns ``loss``, ``logits``, and
+    PyTorch-named dicts ``grads``, ``stats`` (BatchNorm running statistics after the step),
+    ``params`` (after the update)."""
     seed, b, n, size = STEP_CASES[case]
+    model_fields.setdefault("trunk", "staged" if path == "staged" else "folded")
     cfg, model, sd = reference_model(seed, n, **model_fields)
     images, labels = step_inputs(seed, b, n, size)
     graphs, params, batch_stats = steps.split_model(model)
@@ -78,10 +87,16 @@ def histo_jax_step(case: str, **model_fields) -> dict:
     # clip on one flat vector (a third of the compile time of 241 separate tensors).
     tx = optax.flatten(optim.make_optimizer(cfg.optimizer, TOTAL_STEPS))
     state = steps.init_train_state(params, batch_stats, tx)
-    grad_fn = jax.jit(steps.make_grad_fn(graphs, jnp.asarray(CLASS_WEIGHTS, jnp.float32)),
-                      compiler_options=steps.compiler_options())
-    (loss, logits, new_stats), grads = grad_fn(params, batch_stats, images, labels,
-                                               jax.random.key(0))
+    cw = jnp.asarray(CLASS_WEIGHTS, jnp.float32)
+    if path == "staged":
+        staged = steps.StagedTrainStep(graphs, tx, None, "none", cw,
+                                       compiler_options=steps.compiler_options())
+        loss, logits, new_stats, grads, _ = staged.value_and_grad(
+            state, {"images": images, "labels": labels}, jax.random.key(0))
+    else:
+        grad_fn = jax.jit(steps.make_grad_fn(graphs, cw), compiler_options=steps.compiler_options())
+        (loss, logits, new_stats), grads = grad_fn(params, batch_stats, images, labels,
+                                                   jax.random.key(0))
     new_state = jax.jit(steps.apply_gradients, static_argnums=0)(tx, state, grads, new_stats)
     names_p = set(_torch_named(model, params)) - {k for k in sd if "running_" in k}
     grads_t = _torch_named(model, grads)

@@ -418,7 +418,25 @@ def test_trunk_per_input_calls_equal_folded():
             build_model(tiny_cfg(trunk=trunk, bn_stats="joint"), n, nnx.Rngs(params=0))
 
 
-def test_trunk_auto_is_unrolled_in_cpu_training_and_scan_in_eval():
+def test_per_input_trunks_draw_the_same_random_numbers():
+    """With dropout and stochastic depth on, every per-input trunk (scan, unrolled, staged)
+    gives input i's encoder the same key (fusion.input_keys): the same train-mode logits and
+    running statistics."""
+    n, b = 2, 2
+    x = _images((b, n, 40, 40, 3), seed=4)
+    out = {}
+    for trunk in ("scan", "unrolled", "staged"):
+        model = build_model(tiny_cfg(trunk=trunk, stochastic_depth=0.5), n, nnx.Rngs(params=0))
+        logits, _ = _train_call(model, x, jax.random.key(5))
+        out[trunk] = (logits, nnx.state(model, nnx.BatchStat))
+    for trunk in ("unrolled", "staged"):
+        _assert_trees_close(out[trunk], out["scan"], 1e-5, trunk)
+    other = build_model(tiny_cfg(trunk="scan", stochastic_depth=0.5), n, nnx.Rngs(params=0))
+    assert not np.allclose(np.asarray(_train_call(other, x, jax.random.key(6))[0]),
+                           np.asarray(out["scan"][0]))  # the key matters
+
+
+def test_trunk_auto_is_staged_in_cpu_training_and_scan_in_eval():
     model = build_model(tiny_cfg(trunk="auto"), 2, nnx.Rngs(params=0))
     x = _images((2, 2, 32, 32, 3))
 
@@ -426,7 +444,9 @@ def test_trunk_auto_is_unrolled_in_cpu_training_and_scan_in_eval():
         graph, state = nnx.split(m)
         return str(jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(
             x, rngs=nnx.Rngs(dropout=0) if train else None)[0])(state, x))
-    # Training on CPU: two encoder calls of B = 2 crops (no scan, no folded batch of 4).
+    # Training on CPU: 'staged' (steps.StagedTrainStep chains the programs); called whole,
+    # two encoder calls of B = 2 crops (no scan, no folded batch of 4).
+    assert fusion.resolve_trunk("auto", False, "per_input", backend="cpu") == "staged"
     train = primitives(model, True)
     assert " scan[" not in train
     assert "f32[2,32,32,3]" in train and "f32[4,32,32,3]" not in train

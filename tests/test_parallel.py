@@ -24,9 +24,9 @@ def _run_steps(devices, n_steps=3, num_inputs=2, batch=8, size=48):
     mesh = parallel.make_mesh(devices)
     repl = parallel.replicated(mesh)
     state = jax.device_put(steps.init_train_state(params, stats, tx), repl)
-    fn = jax.jit(steps.make_train_step(graphs, tx, augment.AugmentConfig.from_config(c.data, num_inputs),
-                                       "none", jnp.array([1.0, 2.0])),
-                 in_shardings=(repl, parallel.batch_sharding(mesh), repl), out_shardings=(repl, repl))
+    # The trainer's step: on CPU the staged chain (model.trunk 'auto').
+    fn = steps.jit_train_step(graphs, tx, augment.AugmentConfig.from_config(c.data, num_inputs),
+                              "none", jnp.array([1.0, 2.0]), mesh=mesh)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(n_steps):

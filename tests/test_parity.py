@@ -63,15 +63,17 @@ def test_encoder_eval_matches_pytorch(ref, case, fmt):
     np.testing.assert_allclose(np.asarray(feats), ref[f"{case}/features"], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("path", parity_step.STEP_PATHS)
 @pytest.mark.parametrize("case", list(parity_step.STEP_CASES))
-def test_train_step_matches_pytorch(ref, case):
+def test_train_step_matches_pytorch(ref, case, path):
     """One full reference train step (per-input BatchNorm statistics, weighted CE, backward,
     clip 1.0, Adam with OneCycle lr / beta1 of step 0) equals PyTorch's: loss, logits, every
-    BatchNorm running mean and variance, every parameter gradient and updated parameter."""
+    BatchNorm running mean and variance, every parameter gradient and updated parameter;
+    compiled as the staged chain (the CPU default) and as one program."""
     assert tuple(int(v) for v in ref[f"{case}/meta"]) == (
         *parity_step.STEP_CASES[case], parity_step.TOTAL_STEPS), "fixture and case differ"
-    err = parity_step.step_errors(ref, case, parity_step.histo_jax_step(case))
-    print(case, {k: f"{v:.2e}" for k, v in err.items()})
+    err = parity_step.step_errors(ref, case, parity_step.histo_jax_step(case, path))
+    print(case, path, {k: f"{v:.2e}" for k, v in err.items()})
     assert set(err) == set(parity_step.TOLERANCES)
     over = {k: v for k, v in err.items() if not v <= parity_step.TOLERANCES[k]}
     assert not over, f"{case}: errors above tolerance {over} (all: {err})"

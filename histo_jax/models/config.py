@@ -13,7 +13,7 @@ VARIANTS: dict[str, tuple[float, float]] = {
 
 DTYPES = ("float32", "bfloat16")
 BN_STATS = ("per_input", "joint")
-TRUNKS = ("auto", "folded", "scan", "unrolled")
+TRUNKS = ("auto", "folded", "scan", "unrolled", "staged")
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -34,9 +34,12 @@ def get_model_config() -> ml_collections.ConfigDict:
     c.bn_stats = "per_input"
     # How the shared encoder is called in a step (same numbers; a speed and memory choice):
     # 'folded' = once over all B x N crops (statistics grouped per input); once per input over
-    # its B crops, as the original calls it, in one lax.scan ('scan') or unrolled ('unrolled':
-    # N compiled copies). 'auto' = unrolled in training on CPU (folded on other backends or
-    # with bn_stats='joint'), scan in eval (fusion.resolve_trunk, benchmarks/README.md).
+    # its B crops, as the original calls it, in one lax.scan ('scan'), unrolled ('unrolled':
+    # N compiled copies) or 'staged': the train step as a chain of compiled programs (the
+    # encoder's forward and backward each compiled once and called per input; the compile of
+    # one input whatever N; steps.StagedTrainStep). 'auto' = staged in training on CPU
+    # (folded on other backends or with bn_stats='joint'), scan in eval
+    # (fusion.resolve_trunk, benchmarks/README.md).
     c.trunk = "auto"
     # Crops per encoder call in eval mode (crops are independent there; same numbers): -1 =
     # auto (on CPU about 8, cache-sized: faster and leaner; the whole batch elsewhere),

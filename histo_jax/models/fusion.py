@@ -5,9 +5,13 @@ Reimplements the reference ``MultiInputModule`` (docs/reference.md §3) with PyT
 * the encoder runs ONCE over all B * N crops (inputs folded into the batch axis, b-major;
   ``trunk='folded'``), or once per input over its B crops, as the original calls it:
   inside one ``lax.scan`` (``trunk='scan'``: one compiled trunk) or unrolled
-  (``trunk='unrolled'``: N compiled trunks). ``trunk='auto'`` (the default; see
-  ``resolve_trunk``) is unrolled in training on XLA:CPU (folded elsewhere) and scan in eval
-  mode, the fastest and the leanest on XLA:CPU (benchmarks/README.md). In training its
+  (``trunk='unrolled'``: N compiled trunks). ``trunk='staged'`` is 'unrolled' when the
+  model is called, and tells the train step to run as a chain of compiled programs
+  (:class:`histo_jax.steps.StagedTrainStep`: :meth:`MultiInputClassifier.fuse` after the
+  encoder called per input). ``trunk='auto'`` (the default; see ``resolve_trunk``) is
+  staged in training on XLA:CPU (folded elsewhere) and scan in eval mode, the fastest and
+  the leanest on XLA:CPU (benchmarks/README.md). Every per-input call gives input i's
+  encoder the key ``input_keys(rngs, N)[i]``, so all of them draw the same random numbers. In training its
   BatchNorms normalise each input with that input's own statistics and update their
   running averages once per input, input 0 first (``bn_stats='per_input'``, the
   reference), or pool all crops (``bn_stats='joint'``, a deviation; folded only). In eval
@@ -95,9 +99,10 @@ def resolve_trunk(trunk: str, deterministic: bool, bn_stats: str,
 
     Eval mode: 'scan' (one trunk, ``eval_chunk_size`` crops per call: the fastest and the
     lowest peak memory on XLA:CPU).
-    Training on XLA:CPU: 'unrolled' (B crops per call stay cache-sized: N = 4 train step
-    0.75x folded's time on a 2-core Xeon, 0.84x on an EPYC, for a ~2x longer compile);
-    elsewhere, and always with ``bn_stats='joint'``, 'folded' (one large batch).
+    Training on XLA:CPU: 'staged' (B crops per call stay cache-sized: the N = 4 train step
+    takes 0.75x folded's time on a 2-core Xeon, as 'unrolled' does, and compiles in the time
+    of one input: 24 s against unrolled's 73 s); elsewhere, and always with
+    ``bn_stats='joint'``, 'folded' (one large batch).
     """
     if trunk != "auto":
         return trunk
@@ -105,7 +110,20 @@ def resolve_trunk(trunk: str, deterministic: bool, bn_stats: str,
         return "scan"
     if bn_stats != "per_input":
         return "folded"
-    return "unrolled" if (backend or jax.default_backend()) == "cpu" else "folded"
+    return "staged" if (backend or jax.default_backend()) == "cpu" else "folded"
+
+
+def input_keys(rngs: nnx.Rngs | None, n: int) -> jax.Array | None:
+    """The keys of the N per-input encoder calls (one draw from ``rngs``, split N ways;
+    None without ``rngs``). Every per-input trunk uses them, so that scan, unrolled and
+    staged draw the same dropout and stochastic-depth masks, and the fusion head's draws
+    come after."""
+    return None if rngs is None else jax.random.split(
+        layers.next_key(rngs, "MultiInputClassifier"), n)
+
+
+def _key_rngs(keys: jax.Array | None, i: int) -> nnx.Rngs | None:
+    return None if keys is None else nnx.Rngs(dropout=keys[i])
 
 
 def eval_chunk_size(batch: int, eval_chunk: int, backend: str | None = None) -> int:
@@ -140,7 +158,7 @@ class MultiInputClassifier(nnx.Module):
         if trunk not in TRUNKS:
             raise ValueError(f"trunk {trunk!r} is unknown (config field model.trunk); "
                              f"use one of {TRUNKS}.")
-        if trunk in ("scan", "unrolled") and bn_stats != "per_input":
+        if trunk in ("scan", "unrolled", "staged") and bn_stats != "per_input":
             raise ValueError(f"model.trunk='{trunk}' calls the encoder once per input, so its "
                              "statistics are per input: it needs model.bn_stats='per_input' "
                              "(or use model.trunk='folded' or 'auto' with bn_stats='joint').")
@@ -183,18 +201,26 @@ class MultiInputClassifier(nnx.Module):
                              f"got images with N = {n} (shape {tuple(images.shape)}).")
         layers.check_rngs(self, rngs, "MultiInputClassifier")
         trunk = resolve_trunk(self.trunk, self.deterministic, self.bn_stats)
-        if trunk == "unrolled" and n > 1:
-            feats = jnp.stack([self.encoder(images[:, i], rngs) for i in range(n)], axis=1
-                              ).reshape(b * n, -1)                               # (B*N, F)
-        elif trunk == "scan" and self.deterministic:
+        if trunk == "scan" and self.deterministic:
             feats = self._encode_in_chunks(images)                                 # (B*N, F)
         elif trunk == "scan" and n > 1:
             feats = self._encode_each_input(images, rngs)                          # (B*N, F)
+        elif trunk != "folded":  # unrolled, staged, and scan of one input
+            keys = input_keys(rngs, n)
+            feats = jnp.stack([self.encoder(images[:, i], _key_rngs(keys, i))
+                               for i in range(n)], axis=1).reshape(b * n, -1)    # (B*N, F)
         else:
             groups = n if self.bn_stats == "per_input" else 1
             feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), rngs,
                                  stat_groups=groups)                              # (B*N, F)
-        tokens = self.proj(feats.astype(self.dtype)).reshape(b, n, -1)          # (B, N, E)
+        return self.fuse(feats.reshape(b, n, -1), rngs)
+
+    def fuse(self, feats: jax.Array,
+             rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """The part after the encoder: pooled features (B, N, F) -> logits (B, C) float32,
+        attention (B, N, N) float32. In train mode it draws its dropout keys from ``rngs``
+        after the encoder's."""
+        tokens = self.proj(feats.astype(self.dtype))                             # (B, N, E)
         fused, attn = [], []
         for i, mha in enumerate(self.attention):
             q = tokens[:, i:i + 1]
@@ -233,8 +259,7 @@ class MultiInputClassifier(nnx.Module):
         the loop."""
         b, n = images.shape[:2]
         graphdef, params, rest = nnx.split(self.encoder, nnx.Param, ...)
-        keys = (None if rngs is None else
-                jax.random.split(layers.next_key(rngs, "MultiInputClassifier"), n))
+        keys = input_keys(rngs, n)
 
         def one_input(rest, inputs):
             x, key = inputs
