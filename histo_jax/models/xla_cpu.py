@@ -47,6 +47,10 @@ def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
     return v + (jnp.max(t) * 0).astype(v.dtype)
 
 
+def _add(a, b):
+    return tuple(u + v for u, v in zip(a, b))
+
+
 # ---- 1x1 convolution ------------------------------------------------------------------------
 
 @jax.custom_vjp
@@ -121,29 +125,44 @@ def _shift_fwd(x, kernel, stride):
     return shift_forward(x, kernel, stride), (x, kernel)
 
 
+def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
+    """The depthwise kernel gradient, (k*k, C) float32: per tap (i, j), the sum over batch and
+    pixels of the shifted input times the output gradient ``g``.
+
+    All k*k taps are ONE variadic reduction over the pixel axes, its operands the products
+    of shifted slices with ``g``, so that XLA:CPU reads ``x`` and ``g`` once, in one loop
+    that it parallelises over the batch; the per-sample partial sums (N, C) are then added.
+    One reduction per tap (YNNPACK's, which cannot take a slice as operand, so XLA first
+    copies each shifted slice out) read both tensors k*k times: 5-10x slower per layer
+    (benchmarks/README.md).
+    """
+    p = (k - 1) // 2
+    n, _, _, c = x.shape
+    ho, wo = g.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    gf = g.astype(f32)
+    prods = tuple(
+        jax.lax.slice(xp, (0, i, j, 0),
+                      (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                      (1, stride, stride, 1)).astype(f32) * gf
+        for i in range(k) for j in range(k))
+    partial = jax.lax.reduce(prods, (jnp.zeros((), f32),) * len(prods), _add, (1, 2))
+    return jnp.stack([jnp.sum(t, axis=0) for t in partial])
+
+
 def shift_backward(stride, res, g):
     """Backward of :func:`depthwise_shift`: ``res = (x, kernel)``, returns ``(dx, dkernel)``."""
     x, kernel = res
     k = kernel.shape[0]
     p = (k - 1) // 2
-    n, h, w, c = x.shape
+    _, h, w, c = x.shape
     ho, wo = g.shape[1:3]
     # d x: full correlation of the stride-dilated gradient with the flipped kernel.
     gd = jax.lax.pad(g, jnp.zeros((), g.dtype),
                      ((0, 0, 0), (k - 1, h + 2 * p - stride * (ho - 1) - 1, stride - 1),
                       (k - 1, w + 2 * p - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
     dx = _shift_sum(gd, kernel[::-1, ::-1], 1, (h, w), offset=p)
-    # d kernel: per tap, the sum over batch and pixels of the shifted input times the gradient.
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    gf = g.astype(f32)
-    taps = []
-    for i in range(k):
-        for j in range(k):
-            sl = jax.lax.slice(xp, (0, i, j, 0),
-                               (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                               (1, stride, stride, 1))
-            taps.append(jnp.sum(sl.astype(f32) * gf, axis=(0, 1, 2)))
-    dk = jnp.stack(taps).reshape(k, k, 1, c).astype(kernel.dtype)
+    dk = kernel_grad(x, g, k, stride).reshape(k, k, 1, c).astype(kernel.dtype)
     dx = not_before(dx, dk)
     return dx.astype(x.dtype), dk
 
