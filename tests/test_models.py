@@ -268,18 +268,40 @@ def test_batchnorm_fast_backward_equals_plain_autodiff(act, groups):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_pointwise_matmul_backward_equals_autodiff():
-    """The 1x1 conv's hand-written VJP (weight gradient as dot(x, dy)) == autodiff's."""
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (2, 128, 64, 7)])  # the second: split in two
+def test_pointwise_matmul_backward_equals_autodiff(shape):
+    """The 1x1 conv's hand-written VJP (weight gradient as dot(x, dy), split over the pixels
+    from xla_cpu.SPLIT_WEIGHT_GRAD_ROWS on) == autodiff's."""
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((2, 5, 3, 7)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal((7, 4)), jnp.float32)
-    weight = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal(shape[:3] + (4,)), jnp.float32)
     np.testing.assert_allclose(np.asarray(xla_cpu.pointwise_matmul(x, w)),
                                np.asarray(plain.pointwise(x, w)), rtol=1e-6, atol=1e-6)
     got = jax.grad(lambda x, w: jnp.sum(xla_cpu.pointwise_matmul(x, w) * weight), (0, 1))(x, w)
     want = jax.grad(lambda x, w: jnp.sum(plain.pointwise(x, w) * weight), (0, 1))(x, w)
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 2, 224), (3, 1, 13), (5, 2, 11)])
+def test_conv2d_im2col_kernel_grad_equals_autodiff(kernel, stride, size):
+    """xla_cpu.conv2d (kernel gradient as im2col + matmul; 224 px: split in two) == the
+    plain convolution and its autodiff gradients."""
+    rng = np.random.default_rng(kernel + stride)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 5)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(xla_cpu.conv2d(x, w, stride)),
+                               np.asarray(plain.conv2d(x, w, stride)), rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride)))
+
+    got = jax.grad(loss(xla_cpu.conv2d), (0, 1))(x, w)
+    want = jax.grad(loss(plain.conv2d), (0, 1))(x, w)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4,
+                                   atol=1e-4 * float(jnp.max(jnp.abs(e))))
 
 
 def _assert_trees_close(got, want, tol, what):

@@ -144,7 +144,8 @@ class Conv2d(nnx.Module):
             matmul = xla_cpu.pointwise_matmul if self.impl == "xla_cpu" else plain.pointwise
             y = matmul(x, kernel[0, 0])
         else:
-            y = plain.conv2d(x, kernel, self.stride)
+            conv = xla_cpu.conv2d if self.impl == "xla_cpu" else plain.conv2d
+            y = conv(x, kernel, self.stride)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
