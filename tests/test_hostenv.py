@@ -114,8 +114,12 @@ def test_compiled_on_first_call_compiles_once_per_shape_and_build_caches_can_go(
         x = jnp.arange(int(jnp.prod(jnp.asarray(shape))), dtype=jnp.float32).reshape(shape)
         assert jnp.array_equal(step(x), x * 2 + 1)
     assert traced == [(3,), (2, 2)] and len(trims) == 2 and len(step.compiled) == 2
+    # Another dtype, same shape: the last program refuses it, a new one is compiled.
+    assert jnp.array_equal(step(jnp.arange(3)), jnp.arange(3) * 2 + 1)
+    assert step(jnp.arange(3)).dtype == jnp.int32 and len(step.compiled) == 3
+    trims.clear()
     jitted = jax.jit(f)
     jitted(jnp.ones(4))
     assert jitted._cache_size() == 1
     hostenv.release_build_memory()
-    assert jitted._cache_size() == 0 and len(trims) == 3
+    assert jitted._cache_size() == 0 and len(trims) == 1
