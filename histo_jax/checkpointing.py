@@ -67,7 +67,9 @@ class LoopState:
     size of ``metrics.jsonl`` at the save (a resumed run truncates the log to it).
     """
 
-    VERSION: ClassVar[int] = 1
+    # 2: the train state saved beside it holds the optimizer state flat (one vector per
+    # moment, ``optim.make_optimizer``); version 1 held it tensor by tensor.
+    VERSION: ClassVar[int] = 2
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -223,9 +225,13 @@ class Checkpoints:
         for step in steps:
             where = f"{self.latest.directory}/{step}"
             try:
+                # The loop state first: its version says whether the train state beside it
+                # has this histo_jax's layout (a clear error, not a failed restore).
+                meta = self.latest.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+                loop = LoopState.from_json(meta, f"{where}/meta")
                 restored = self.latest.restore(step, args=ocp.args.Composite(
-                    state=_restore_args(target_state), meta=ocp.args.JsonRestore()))
-                loop = LoopState.from_json(restored["meta"], f"{where}/meta")
+                    state=_restore_args(target_state)))
             except IncompatibleStateError:
                 raise
             except Exception as e:  # noqa: BLE001 - any damage means: try the previous one

@@ -48,12 +48,21 @@ def make_schedules(opt_cfg: ml_collections.ConfigDict, total_steps: int):
     return lr, b1
 
 
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """Clip to global norm, then Adam with OneCycle learning rate and beta1."""
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int, *,
+                   flat: bool = True) -> optax.GradientTransformation:
+    """Clip to global norm, then Adam with OneCycle learning rate and beta1.
+
+    With ``flat`` (what the trainer uses) the transformation runs on all parameters
+    concatenated into one vector (``optax.flatten``): the same elementwise Adam and the same
+    global norm (summed in another order), the optimizer state held as one vector per
+    moment. Per tensor (``flat=False``),
+    XLA compiled ~1,500 small loops for EfficientNet-B0's ~240 tensors: the update took
+    20 s to compile and 51 ms a step on a 2-core EPYC, flat 9 s and 27 ms.
+    """
     lr, b1 = make_schedules(opt_cfg, total_steps)
     adam = optax.inject_hyperparams(optax.adam)(
         learning_rate=lr, b1=b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
     chain = [adam]
     if opt_cfg.grad_clip_norm and opt_cfg.grad_clip_norm > 0:
         chain.insert(0, optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
-    return optax.chain(*chain)
+    return optax.flatten(optax.chain(*chain)) if flat else optax.chain(*chain)

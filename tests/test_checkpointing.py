@@ -82,19 +82,19 @@ def test_loop_state_is_versioned_and_a_bad_one_is_a_clear_error(tmp_path, caplog
         ck.save_latest(s, state.replace(step=jnp.array(s)), it, LoopState(epoch=s))
     assert json.load(open(_meta_file(tmp_path, 3)))["version"] == LoopState.VERSION
     # Corrupt (not JSON, or not a loop state): reported, and the previous checkpoint is used.
-    for garbage in ("{not json", json.dumps({"version": 1, "epoch": "two"})):
+    for garbage in ("{not json", json.dumps({"version": LoopState.VERSION, "epoch": "two"})):
         open(_meta_file(tmp_path, 3), "w").write(garbage)
         with caplog.at_level(logging.WARNING, logger="histo_jax.checkpointing"):
             step, _, loop = ck.restore_latest(state)
         assert step == 2 and loop.epoch == 2 and "checkpoints/3 cannot be restored" in caplog.text
     # Another version, or the unversioned dict of older code: refused at once, naming the file.
-    for other in ({**LoopState().to_json(), "version": 2},
+    for other in ({**LoopState().to_json(), "version": LoopState.VERSION - 1},
                   {"epoch": 1, "step_in_epoch": 0, "sums": [0.0, 0.0, 0], "best_f1": -1.0}):
         open(_meta_file(tmp_path, 3), "w").write(json.dumps(other))
         with pytest.raises(checkpointing.IncompatibleStateError) as e:
             ck.restore_latest(state)
         assert f"{tmp_path}/checkpoints/3/meta" in str(e.value)
-        assert "this histo_jax reads version 1" in str(e.value)
+        assert f"this histo_jax reads version {LoopState.VERSION}" in str(e.value)
     # Nothing restorable: an error, not a silent restart from scratch.
     for s in (2, 3):
         open(_meta_file(tmp_path, s), "w").write("[]")
@@ -102,7 +102,7 @@ def test_loop_state_is_versioned_and_a_bad_one_is_a_clear_error(tmp_path, caplog
                        match="None of the checkpoints of this run can be restored"):
         ck.restore_latest(state)
     with pytest.raises(checkpointing.CorruptStateError, match="missing|lacks"):
-        LoopState.from_json({"version": 1, "epoch": 1}, "x")
+        LoopState.from_json({"version": LoopState.VERSION, "epoch": 1}, "x")
 
 
 def test_failed_save_keeps_the_previous_checkpoint_and_a_resave_works(tmp_path, monkeypatch,
@@ -191,3 +191,19 @@ def test_replicated_and_sharded_arrays_restore_with_the_target_shardings(tmp_pat
         assert isinstance(got[name], jax.Array) and got[name].sharding == want.sharding, name
         assert got[name].dtype == want.dtype, name
         np.testing.assert_array_equal(got[name], want)
+
+
+def test_a_checkpoint_of_the_per_tensor_optimizer_state_is_refused_by_its_version(tmp_path):
+    """A version-1 checkpoint (optimizer state tensor by tensor) against this version's flat
+    optimizer state: refused as another version, naming it, before the state is read."""
+    _, params, stats = nnx.split(_Tiny(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    old_tx = optim.make_optimizer(get_base_config().optimizer, 100, flat=False)
+    old = steps.init_train_state(params, stats, old_tx)
+    state, loader = _state_and_iter()
+    ck = checkpointing.Checkpoints(str(tmp_path))
+    ck.save_latest(1, old, iter(loader), LoopState(epoch=1))
+    open(_meta_file(tmp_path, 1), "w").write(json.dumps({**LoopState(epoch=1).to_json(),
+                                                         "version": 1}))
+    with pytest.raises(checkpointing.IncompatibleStateError) as e:
+        ck.restore_latest(state)
+    assert "has version 1; this histo_jax reads version 2" in str(e.value)

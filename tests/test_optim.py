@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -58,3 +59,23 @@ def test_gradients_are_clipped_to_global_norm_before_adam():
     unclipped = two_steps(optim.make_optimizer(_opt_cfg(clip=0.0), 100), g1, g2)
     np.testing.assert_allclose(clipped, manual, rtol=1e-5)
     assert not np.allclose(clipped, unclipped, rtol=1e-2)
+
+
+def test_flat_optimizer_equals_the_per_tensor_one():
+    """The trainer's optimizer on one flat vector == the same chain tensor by tensor, over
+    several steps of a tree of differently shaped parameters (the clip active)."""
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+              "b": {"c": jnp.asarray(rng.standard_normal(5), jnp.float32)}}
+    out = []
+    for flat in (True, False):
+        tx = optim.make_optimizer(_opt_cfg(clip=1.0), 20, flat=flat)
+        p, s = params, tx.init(params)
+        for k in range(6):
+            g = jax.tree.map(lambda x: jnp.sin(x * (k + 1)) * 3.0, p)
+            upd, s = tx.update(g, s, p)
+            p = optax.apply_updates(p, upd)
+        out.append(p)
+    for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(out[0]["a"]), np.asarray(params["a"]))
