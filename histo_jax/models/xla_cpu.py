@@ -11,6 +11,11 @@ here changes what the model computes, only how XLA:CPU computes it (``model.impl
 * hand-written backward passes that store less and recompute: BatchNorm (+ SiLU), the 1x1
   convolution, the depthwise convolution, and the middle of an MBConv block as ONE op
   (:func:`mbconv_core_train`);
+* backward passes shaped for XLA:CPU's kernels: the depthwise kernel gradient as one
+  variadic reduction over all k*k taps (:func:`kernel_grad`), the 1x1 weight gradient of
+  large layers as a batch of two half-products that YNNPACK runs on both cores
+  (:func:`weight_grad`), the stem's kernel gradient as im2col and that product
+  (:func:`conv2d`);
 * scheduling ties (:func:`not_before`) that make XLA:CPU's scheduler run the backward pass
   block by block instead of keeping every activation alive to its end.
 
