@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import flax
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -167,7 +168,9 @@ def _train_metrics(loss, logits, labels, grads, passthrough) -> dict:
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.tree_utils.tree_norm(grads),
+        # Of the gradient as one vector (the one optax.flatten clips): one reduction, not
+        # one per tensor (~300 fewer kernels for XLA:CPU to compile in the update program).
+        "grad_norm": jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0]),
     }
     if passthrough is not None:
         metrics["stain_passthrough"] = passthrough

@@ -78,3 +78,22 @@ def test_trunk_choice_and_errors():
                       steps.hostenv.CompiledOnFirstCall)
     with pytest.raises(ValueError, match="training trunk is 'staged'.*model.trunk.*'unrolled'"):
         steps.StagedTrainStep(graphs, tx, aug, "none", jnp.ones(2))
+
+
+def test_grad_norm_metric_is_the_norm_of_the_whole_gradient():
+    """``metrics['grad_norm']`` (taken on the flattened gradient) is the L2 norm over every
+    parameter tensor of :func:`steps.make_grad_fn`'s gradient, before clipping."""
+    n = 1
+    graphs, tx, _, state = _setup(n, stochastic_depth=0.0, dropout=0.0, attn_dropout=0.0)
+    batch = _batches(n, b=4, size=32, count=1)[0]
+    cw = jnp.array([1.0, 1.0])
+    step = jax.jit(steps.make_train_step(graphs, tx, None, "none", cw))
+    _, metrics = step(state, batch, jax.random.PRNGKey(0))
+    grad_fn = jax.jit(steps.make_grad_fn(graphs, cw))
+    images = augment.preprocess(jnp.asarray(batch["images"]))
+    _, grads = grad_fn(state.params, state.batch_stats, images, jnp.asarray(batch["labels"]),
+                       jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 0))[1])
+    want = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
+                       for g in jax.tree.leaves(grads)))
+    assert want > 1.5  # above the clip norm (1.0): the metric is taken before clipping
+    np.testing.assert_allclose(float(metrics["grad_norm"]), want, rtol=1e-5)
