@@ -55,9 +55,9 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int, *,
     With ``flat`` (what the trainer uses) the transformation runs on all parameters
     concatenated into one vector (``optax.flatten``): the same elementwise Adam and the same
     global norm (summed in another order), the optimizer state held as one vector per
-    moment. Per tensor (``flat=False``),
-    XLA compiled ~1,500 small loops for EfficientNet-B0's ~240 tensors: the update took
-    20 s to compile and 51 ms a step on a 2-core EPYC, flat 9 s and 27 ms.
+    moment. Per tensor (``flat=False``), XLA compiled ~1,500 small loops for
+    EfficientNet-B0's ~240 tensors: the update took 20 s to compile and 51 ms a step on a
+    2-core EPYC, flat 9 s and 27 ms.
     """
     lr, b1 = make_schedules(opt_cfg, total_steps)
     adam = optax.inject_hyperparams(optax.adam)(

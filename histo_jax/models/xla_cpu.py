@@ -111,20 +111,31 @@ def pointwise_backward(res, g):
 pointwise_matmul.defvjp(_pointwise_fwd, pointwise_backward)
 
 
+# ---- k x k taps (the stem's im2col, the depthwise shift-and-add and its kernel gradient) ----
+
+def _pad_same(x: jax.Array, k: int) -> jax.Array:
+    """The symmetric padding of :func:`plain.conv2d` / :func:`plain.depthwise_conv`."""
+    p = (k - 1) // 2
+    return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+def _tap(xp: jax.Array, a: int, b: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+    """``xp[:, a::stride, b::stride]``, ``out_hw`` pixels: one tap's shifted, strided view."""
+    n, c = xp.shape[0], xp.shape[-1]
+    ho, wo = out_hw
+    return jax.lax.slice(xp, (0, a, b, 0),
+                         (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, c),
+                         (1, stride, stride, 1))
+
+
 # ---- Dense k x k convolution (the stem) -----------------------------------------------------
 
 def patches(x: jax.Array, k: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
     """im2col: (N, Ho, Wo, k*k*C), channel index (i * k + j) * C + c, the symmetric padding
     of :func:`plain.conv2d`."""
-    p = (k - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    n, c = x.shape[0], x.shape[-1]
-    ho, wo = out_hw
-    return jnp.concatenate([
-        jax.lax.slice(xp, (0, i, j, 0),
-                      (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                      (1, stride, stride, 1))
-        for i in range(k) for j in range(k)], axis=-1)
+    xp = _pad_same(x, k)
+    return jnp.concatenate([_tap(xp, i, j, stride, out_hw)
+                            for i in range(k) for j in range(k)], axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -154,18 +165,13 @@ conv2d.defvjp(_conv2d_fwd, conv2d_backward)
 
 def _shift_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int],
                offset: int = 0) -> jax.Array:
-    """sum_ij xp[:, offset + i :: stride, offset + j :: stride] * kernel[i, j, 0] (out_hw pixels)."""
+    """sum_ij xp[:, offset + i :: stride, offset + j :: stride] * kernel[i, j, 0]
+    (``out_hw`` pixels)."""
     k = kernel.shape[0]
-    n, c = xp.shape[0], xp.shape[-1]
-    ho, wo = out_hw
     out = None
     for i in range(k):
         for j in range(k):
-            a, b = offset + i, offset + j
-            sl = jax.lax.slice(xp, (0, a, b, 0),
-                               (n, a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, c),
-                               (1, stride, stride, 1))
-            term = sl * kernel[i, j, 0]
+            term = _tap(xp, offset + i, offset + j, stride, out_hw) * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
@@ -177,8 +183,7 @@ def shift_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     _, h, w, _ = x.shape
     ho = (h + 2 * p - k) // stride + 1
     wo = (w + 2 * p - k) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    return _shift_sum(xp, kernel, stride, (ho, wo))
+    return _shift_sum(_pad_same(x, k), kernel, stride, (ho, wo))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -205,16 +210,10 @@ def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
     copies each shifted slice out) read both tensors k*k times: 5-10x slower per layer
     (benchmarks/README.md).
     """
-    p = (k - 1) // 2
-    n, _, _, c = x.shape
-    ho, wo = g.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    xp = _pad_same(x, k)
     gf = g.astype(f32)
-    prods = tuple(
-        jax.lax.slice(xp, (0, i, j, 0),
-                      (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                      (1, stride, stride, 1)).astype(f32) * gf
-        for i in range(k) for j in range(k))
+    prods = tuple(_tap(xp, i, j, stride, g.shape[1:3]).astype(f32) * gf
+                  for i in range(k) for j in range(k))
     partial = jax.lax.reduce(prods, (jnp.zeros((), f32),) * len(prods), _add, (1, 2))
     return jnp.stack([jnp.sum(t, axis=0) for t in partial])
 
