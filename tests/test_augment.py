@@ -96,15 +96,46 @@ def test_erasing_area_and_zero_fill():
     img = jnp.full((40, 40, 3), 0.5)
     areas = []
     for seed in range(20):
-        out = np.asarray(A.random_erasing(jax.random.key(seed), img, 1.0, (0.02, 0.33), (0.3, 3.3)))
+        u = jax.random.uniform(jax.random.key(seed), (A.ERASING_DRAWS,))
+        out = np.asarray(A.random_erasing(u, img, 1.0, (0.02, 0.33), (0.3, 3.3)))
         zero = np.all(out == 0, axis=-1)
         assert np.all(out[~zero] == 0.5)
         rows, cols = np.nonzero(zero)
         assert zero.sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)  # One filled rectangle.
         areas.append(zero.sum() / 1600)
     assert 0.015 <= min(areas) and max(areas) <= 0.36  # Rounding of h, w.
-    never = A.random_erasing(jax.random.key(0), img, 0.0, (0.02, 0.33), (0.3, 3.3))
+    never = A.random_erasing(jnp.zeros(A.ERASING_DRAWS), img, 0.0, (0.02, 0.33), (0.3, 3.3))
     np.testing.assert_array_equal(np.asarray(never), np.asarray(img))
+
+
+def test_erasing_position_covers_every_offset():
+    """The top-left corner is uniform over every position where the rectangle fits."""
+    img = jnp.ones((6, 6, 3))
+    u = np.zeros((64, A.ERASING_DRAWS), np.float32)
+    u[:, 1:3] = np.stack(np.meshgrid(*(np.arange(8) / 8,) * 2), -1).reshape(64, 2)  # top, left
+    u[:, 3:3 + 10] = 1 / 36  # area 1 px: a 1x1 rectangle on the first try...
+    u[:, 13:] = 0.5  # ...with aspect sqrt(0.3 * 3.3) ~ 1.
+    out = np.asarray(jax.vmap(lambda v: A.random_erasing(v, img, 1.0, (0.0, 1.0), (0.3, 3.3)))(u))
+    corners = {tuple(np.argwhere(o[..., 0] == 0)[0]) for o in out}
+    assert all(int(np.sum(o[..., 0] == 0)) == 1 for o in out)
+    assert corners == set(itertools.product(range(6), range(6)))
+
+
+def test_colour_order_is_a_uniform_permutation():
+    orders = np.asarray(jnp.argsort(jax.random.uniform(jax.random.key(0), (4800, 4)), axis=1))
+    counts = {}
+    for o in map(tuple, orders):
+        counts[o] = counts.get(o, 0) + 1
+    assert len(counts) == 24 and 140 < min(counts.values()) and max(counts.values()) < 260
+
+
+def test_a_sample_draws_the_same_whatever_the_batch(batch):
+    """Sample i's augmentation depends on (key, i) only, not on the batch size (up to
+    float rounding of differently vectorised loops)."""
+    cfg = A.AugmentConfig.from_config(get_data_config(), 4)
+    big = np.concatenate([batch, batch[::-1]])
+    np.testing.assert_allclose(np.asarray(augment(jax.random.key(7), big, cfg))[:3],
+                               np.asarray(augment(jax.random.key(7), batch, cfg)), atol=1e-6)
 
 
 def test_shapes_range_determinism(batch):

@@ -27,6 +27,12 @@ every image independently -- a fresh draw per sample AND per input -- in this or
 With ``shared_geometry`` the flip and rotation draws are shared by the inputs of one
 sample (colour, blur and erasing stay independent).
 
+All draws of a batch come from ONE ``jax.random.uniform(key, (B, N, 35))`` call, mapped
+per image to flips, angle, colour order and factors, sigma and erasing box (``*_DRAWS``):
+the same distributions as the reference's, with one threefry hash instead of ~25 per
+image (their hashes were 60 % of this program's compile), and a sample's draws depend on
+(key, sample index) only, whatever the batch size or sharding.
+
 Stain augmentation (``stain``: HED or LAB jitter, ``histo_jax/stain/augment.py``; off in
 the reference) acts as if it ran first, on the unaugmented images, with its own key
 (``fold_in(key, STAIN_KEY)``), so the reference draws are the same with it on or off; it
@@ -53,6 +59,11 @@ NORMALIZATIONS = ("none", "imagenet")
 _ERASING_TRIES = 10
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights.
 STAIN_KEY = 0x57A1  # fold_in constant of the stain augmentation's key
+# Uniform draws per image (all drawn at once by augment_batch, see _augment_image).
+GEOMETRY_DRAWS = 3  # h-flip, v-flip, rotation angle
+JITTER_DRAWS = 8  # order (4), brightness, contrast, saturation, hue
+ERASING_DRAWS = 3 + 2 * _ERASING_TRIES  # apply, top, left, (area, aspect) per try
+APPEARANCE_DRAWS = JITTER_DRAWS + 1 + ERASING_DRAWS  # jitter, blur sigma, erasing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +164,16 @@ def rotate_nearest(img: jax.Array, angle_deg: jax.Array, pixel_map=None) -> jax.
     return jnp.where(valid[..., None], out, 0.0)
 
 
+def _scale(u: jax.Array, lo, hi) -> jax.Array:
+    """A uniform draw ``u`` in [0, 1) mapped to [lo, hi) (``jax.random.uniform``'s map)."""
+    return jnp.maximum(lo, u * (hi - lo) + lo)
+
+
+def _uniform_int(u: jax.Array, n: jax.Array) -> jax.Array:
+    """A uniform draw ``u`` in [0, 1) mapped to an integer uniform in [0, n)."""
+    return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)
+
+
 def _grayscale(img: jax.Array) -> jax.Array:
     return img[..., 0] * _GRAY[0] + img[..., 1] * _GRAY[1] + img[..., 2] * _GRAY[2]
 
@@ -219,17 +240,21 @@ def adjust_hue(img: jax.Array, hue_factor: jax.Array) -> jax.Array:
     return jnp.clip(_hsv_planes_to_rgb(h, s, v), 0.0, 1.0)
 
 
-def color_jitter(key: jax.Array, img: jax.Array, strengths: jax.Array) -> jax.Array:
-    """torchvision ``ColorJitter``: random factors, the 4 ops in a random order."""
-    k_perm, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
+def color_jitter(u: jax.Array, img: jax.Array, strengths: jax.Array) -> jax.Array:
+    """torchvision ``ColorJitter``: random factors, the 4 ops in a random order.
+
+    ``u``: ``JITTER_DRAWS`` uniforms in [0, 1): the order (argsort of 4 uniforms, a uniform
+    permutation like ``torch.randperm(4)``), then the brightness, contrast, saturation and
+    hue draws.
+    """
     b, c, s, h = strengths[0], strengths[1], strengths[2], strengths[3]
 
-    def factor(k, x):
-        return jax.random.uniform(k, (), minval=jnp.maximum(0.0, 1.0 - x), maxval=1.0 + x)
+    def factor(v, x):
+        return _scale(v, jnp.maximum(0.0, 1.0 - x), 1.0 + x)
 
-    fb, fc, fs = factor(k_b, b), factor(k_c, c), factor(k_s, s)
-    fh = jax.random.uniform(k_h, (), minval=-h, maxval=h)
-    return apply_color_ops(img, jax.random.permutation(k_perm, 4), fb, fc, fs, fh)
+    fb, fc, fs = factor(u[4], b), factor(u[5], c), factor(u[6], s)
+    fh = _scale(u[7], -h, h)
+    return apply_color_ops(img, jnp.argsort(u[:4]), fb, fc, fs, fh)
 
 
 def apply_color_ops(img: jax.Array, order: jax.Array, brightness, contrast, saturation, hue) -> jax.Array:
@@ -271,52 +296,55 @@ def gaussian_blur(img: jax.Array, kernel_size: int, sigma: jax.Array) -> jax.Arr
     return sum(k[t] * rows[:, t:t + w] for t in range(kernel_size))
 
 
-def random_erasing(key: jax.Array, img: jax.Array, prob: jax.Array,
+def random_erasing(u: jax.Array, img: jax.Array, prob: jax.Array,
                    scale: tuple[float, float], ratio: tuple[float, float]) -> jax.Array:
-    """torchvision ``RandomErasing(p, scale, ratio, value=0)`` (first of 10 tries that fits)."""
+    """torchvision ``RandomErasing(p, scale, ratio, value=0)`` (first of 10 tries that fits).
+
+    ``u``: ``ERASING_DRAWS`` uniforms in [0, 1): apply, top, left, then 10 areas and 10
+    log aspect ratios.
+    """
     h, w = img.shape[:2]
-    k_apply, k_area, k_ratio, k_i, k_j = jax.random.split(key, 5)
-    area = h * w * jax.random.uniform(k_area, (_ERASING_TRIES,), minval=scale[0], maxval=scale[1])
-    aspect = jnp.exp(jax.random.uniform(k_ratio, (_ERASING_TRIES,),
-                                        minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+    tries = u[3:]
+    area = h * w * _scale(tries[:_ERASING_TRIES], scale[0], scale[1])
+    aspect = jnp.exp(_scale(tries[_ERASING_TRIES:], math.log(ratio[0]), math.log(ratio[1])))
     eh = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     ew = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
     fits = (eh < h) & (ew < w)
     first = jnp.argmax(fits)
     eh, ew = eh[first], ew[first]
-    top = jax.random.randint(k_i, (), 0, h - eh + 1)
-    left = jax.random.randint(k_j, (), 0, w - ew + 1)
+    top = _uniform_int(u[1], h - eh + 1)
+    left = _uniform_int(u[2], w - ew + 1)
     rows = jnp.arange(h)[:, None]
     cols = jnp.arange(w)[None, :]
     inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-    erase = jax.random.bernoulli(k_apply, prob) & jnp.any(fits)
+    erase = (u[0] < prob) & jnp.any(fits)
     return jnp.where((inside & erase)[..., None], 0.0, img)
 
 
 # ----------------------------------------------------------------------------- pipeline
 
-def _augment_image(img, geo_key, app_key, jitter, erase_prob, cfg: AugmentConfig, pixel_map=None):
+def _augment_image(img, geo, app, jitter, erase_prob, cfg: AugmentConfig, pixel_map=None):
     """One image: flips, rotation, colour jitter, blur, erasing.
 
-    ``pixel_map`` (the stain jitter; default: the uint8 -> [0, 1] conversion) is applied
-    right after the geometry, on the gathered pixels: equal to applying it first, since a
-    per-pixel map commutes with flips and nearest rotation.
+    ``geo``: ``GEOMETRY_DRAWS`` uniforms in [0, 1) (h-flip, v-flip, angle); ``app``:
+    ``APPEARANCE_DRAWS`` (colour jitter, blur sigma, erasing). ``pixel_map`` (the stain
+    jitter; default: the uint8 -> [0, 1] conversion) is applied right after the geometry,
+    on the gathered pixels: equal to applying it first, since a per-pixel map commutes
+    with flips and nearest rotation.
     """
-    k_h, k_v, k_rot = jax.random.split(geo_key, 3)
-    k_color, k_blur, k_erase = jax.random.split(app_key, 3)
     pixel_map = pixel_map or _to_unit_float  # uint8 -> [0, 1] on the gathered pixels
-    img = jnp.where(jax.random.bernoulli(k_h, cfg.hflip_prob), img[:, ::-1], img)
-    img = jnp.where(jax.random.bernoulli(k_v, cfg.vflip_prob), img[::-1], img)
+    img = jnp.where(geo[0] < cfg.hflip_prob, img[:, ::-1], img)
+    img = jnp.where(geo[1] < cfg.vflip_prob, img[::-1], img)
     if cfg.rotation_degrees:
         d = cfg.rotation_degrees
-        img = rotate_nearest(img, jax.random.uniform(k_rot, (), minval=-d, maxval=d), pixel_map)
+        img = rotate_nearest(img, _scale(geo[2], -d, d), pixel_map)
     else:
         img = pixel_map(img)
-    img = color_jitter(k_color, img, jitter)
+    img = color_jitter(app[:JITTER_DRAWS], img, jitter)
     if cfg.blur_kernel > 1:
-        sigma = jax.random.uniform(k_blur, (), minval=cfg.blur_sigma[0], maxval=cfg.blur_sigma[1])
-        img = gaussian_blur(img, cfg.blur_kernel, sigma)
-    img = random_erasing(k_erase, img, erase_prob, cfg.erasing_scale, cfg.erasing_ratio)
+        img = gaussian_blur(img, cfg.blur_kernel, _scale(app[JITTER_DRAWS], *cfg.blur_sigma))
+    img = random_erasing(app[JITTER_DRAWS + 1:], img, erase_prob, cfg.erasing_scale,
+                         cfg.erasing_ratio)
     return jnp.clip(img, 0.0, 1.0)
 
 
@@ -350,22 +378,24 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.
     erase_p = jnp.asarray(cfg.erasing_prob[:num_inputs], jnp.float32)
     b = images.shape[0]
 
-    def per_sample(sample_key, sample, params):
-        k_shared, k_inputs = jax.random.split(sample_key)
-        keys = jax.random.split(k_inputs, num_inputs)
-        geo_keys, app_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-        if cfg.shared_geometry:
-            geo_keys = jnp.stack([k_shared] * num_inputs)
+    # Every draw of the batch in one call: one threefry hash instead of ~25 per image
+    # (jax.random's per-call hash dominated this program's compile). Partitionable
+    # threefry gives element (i, n, k) from its index alone, so a sample's draws do not
+    # depend on the batch size or on how the batch is sharded.
+    u = jax.random.uniform(key, (b, num_inputs, GEOMETRY_DRAWS + APPEARANCE_DRAWS))
+    geo, app = u[..., :GEOMETRY_DRAWS], u[..., GEOMETRY_DRAWS:]
+    if cfg.shared_geometry:
+        geo = jnp.broadcast_to(geo[:, :1], geo.shape)
 
-        def fn(img, gk, ak, j, p, params):
-            # The stain jitter, a per-pixel map, runs on the gathered pixels (_augment_image).
-            def pixel_map(px):
-                return stain_aug.apply_map(px, params)
-            return _augment_image(img, gk, ak, j, p, cfg, pixel_map if stain else None)
-        return jax.vmap(fn)(sample, geo_keys, app_keys, jitter, erase_p, params)
+    def fn(img, g, a, j, p, params):
+        # The stain jitter, a per-pixel map, runs on the gathered pixels (_augment_image).
+        def pixel_map(px):
+            return stain_aug.apply_map(px, params)
+        return _augment_image(img, g, a, j, p, cfg, pixel_map if stain else None)
 
-    sample_keys = jax.random.split(key, b)
-    return jax.vmap(per_sample)(sample_keys, images, stain_params)
+    per_input = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, 0))
+    return jax.vmap(per_input, in_axes=(0, 0, 0, None, None, 0))(
+        images, geo, app, jitter, erase_p, stain_params)
 
 
 def preprocess(images: jax.Array, normalization: str = "none") -> jax.Array:
