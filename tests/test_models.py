@@ -393,12 +393,29 @@ def test_per_input_statistics_equal_one_encoder_call_per_input(impl, remat):
 
 def test_stochastic_depth_and_dropout_scale_kept_values():
     x = jnp.ones((1000, 2, 2, 3))
-    y = np.asarray(layers.stochastic_depth(x, 0.25, jax.random.key(0)))
+    y = np.asarray(layers.stochastic_depth(x, 0.25, jax.random.uniform(jax.random.key(0), (1000,))))
     per_row = y.reshape(1000, -1)
     assert np.all((per_row == 0).all(1) | np.isclose(per_row, 1 / 0.75).all(1))
     assert 0.15 < (per_row == 0).all(1).mean() < 0.35
-    d = np.asarray(layers.dropout(jnp.ones((10000,)), 0.5, jax.random.key(1)))
+    d = np.asarray(layers.dropout(jnp.ones((10000,)), 0.5,
+                                  jax.random.uniform(jax.random.key(1), (10000,))))
     assert set(np.unique(d)) == {0.0, 2.0} and 0.45 < (d == 0).mean() < 0.55
+
+
+def test_uniform_draws_one_key_per_call():
+    """All of a module's masks come from one key of the stream and one uniform call: the
+    slices are disjoint parts of that draw; nothing is drawn when there is nothing to mask."""
+    rngs = nnx.Rngs(dropout=3)
+    u = layers.uniform_draws(rngs, {"a": (2, 3), "b": (4,)}, "test")
+    assert u["a"].shape == (2, 3) and u["b"].shape == (4,)
+    whole = jax.random.uniform(nnx.Rngs(dropout=3).dropout(), (10,))
+    np.testing.assert_array_equal(np.concatenate([np.ravel(u["a"]), u["b"]]), whole)
+    assert layers.uniform_draws(rngs, {}, "test") == {}
+    np.testing.assert_array_equal(  # the empty call took no key: the next draw is the 2nd key
+        layers.uniform_draws(rngs, {"c": (1,)}, "test")["c"],
+        jax.random.uniform(jax.random.fold_in(jax.random.key(3), 1), (1,)))
+    with pytest.raises(ValueError, match="rngs"):
+        layers.uniform_draws(None, {"a": (1,)}, "test")
 
 
 def test_trunk_per_input_calls_equal_folded():

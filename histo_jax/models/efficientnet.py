@@ -2,7 +2,8 @@
 
 Numerically equivalent to torchvision's implementation (symmetric padding, BatchNorm eps 1e-5,
 squeeze-excitation to ``max(1, block_in // 4)`` channels, row-mode stochastic depth with rate
-``stochastic_depth * block_index / num_blocks``), so PyTorch weights map one to one
+``stochastic_depth * block_index / num_blocks``, every block's draw from one key of the
+``rngs`` given to the call), so PyTorch weights map one to one
 (see :mod:`histo_jax.models.convert`).
 """
 from __future__ import annotations
@@ -101,8 +102,14 @@ class MBConv(nnx.Module):
         self.impl = self.dw.impl
         self.deterministic = False
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None,
+    @property
+    def drops(self) -> bool:
+        """Whether the block applies stochastic depth (train mode, residual, rate > 0)."""
+        return self.use_residual and not self.deterministic and self.drop_rate > 0.0
+
+    def __call__(self, x: jax.Array, drop_u: jax.Array | None = None,
                  stat_groups: int = 1) -> jax.Array:
+        """``drop_u``: (B,) uniforms in [0, 1), the stochastic-depth draw (when :attr:`drops`)."""
         if self.impl == "xla_cpu" and not self.dw_bn.use_running_average:
             y = self.project.bn(self._fused_train_core(x, stat_groups), act=False,
                                 stat_groups=stat_groups)
@@ -112,8 +119,12 @@ class MBConv(nnx.Module):
             y = self.project(self.se(y), stat_groups)
         if not self.use_residual:
             return y
-        if not self.deterministic and self.drop_rate > 0.0:
-            y = layers.stochastic_depth(y, self.drop_rate, layers.next_key(rngs, "EfficientNet"))
+        if self.drops:
+            if drop_u is None:
+                raise ValueError("MBConv: this block applies stochastic depth (train mode) and "
+                                 "needs drop_u, (B,) uniforms; call it through EfficientNet, "
+                                 "or switch to inference with .eval().")
+            y = layers.stochastic_depth(y, self.drop_rate, drop_u)
         return y + x
 
     def _fused_train_core(self, x: jax.Array, stat_groups: int) -> jax.Array:
@@ -192,11 +203,14 @@ class EfficientNet(nnx.Module):
         """
         _check_images(x, 4, "EfficientNet")
         layers.check_rngs(self, rngs, "EfficientNet")
+        # Every block's stochastic-depth draw from one key and one uniform call.
+        u = layers.uniform_draws(rngs, {i: (x.shape[0],) for i, b in enumerate(self.blocks)
+                                        if b.drops}, "EfficientNet")
         y = self.stem(x.astype(self.dtype), stat_groups)
         maps = [y]
         for i, block in enumerate(self.blocks):
-            y = (_remat_block(block, y, rngs, stat_groups) if self.remat and not block.deterministic
-                 else block(y, rngs, stat_groups))
+            y = (_remat_block(block, y, u.get(i), stat_groups)
+                 if self.remat and not block.deterministic else block(y, u.get(i), stat_groups))
             if i + 1 in self.stage_ends:
                 maps.append(y)
         maps.append(self.head(y, stat_groups))
@@ -210,9 +224,9 @@ class EfficientNet(nnx.Module):
 
 
 @functools.partial(nnx.remat, static_argnums=(3,))
-def _remat_block(block: MBConv, x: jax.Array, rngs: nnx.Rngs | None,
+def _remat_block(block: MBConv, x: jax.Array, drop_u: jax.Array | None,
                  stat_groups: int) -> jax.Array:
-    return block(x, rngs, stat_groups)
+    return block(x, drop_u, stat_groups)
 
 
 def _check_images(x: jax.Array, ndim: int, where: str) -> None:

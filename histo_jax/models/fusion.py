@@ -68,9 +68,17 @@ class TorchMultiheadAttention(nnx.Module):
         self.dropout = dropout
         self.deterministic = False
 
+    @property
+    def drops(self) -> bool:
+        """Whether the attention weights get dropout (train mode, rate > 0)."""
+        return not self.deterministic and self.dropout > 0.0
+
     def __call__(self, query: jax.Array, kv: jax.Array,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
-        """query (B, Lq, E), kv (B, L, E) -> output (B, Lq, E), head-averaged weights (B, Lq, L)."""
+                 dropout_u: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """query (B, Lq, E), kv (B, L, E) -> output (B, Lq, E), head-averaged weights (B, Lq, L).
+
+        ``dropout_u``: uniforms in [0, 1) of shape (B, num_heads, Lq, L), the dropout draw
+        of the attention weights (when :attr:`drops`)."""
         e = query.shape[-1]
         h, hd = self.num_heads, e // self.num_heads
         w = self.in_proj.kernel[...].astype(self.in_proj.dtype)
@@ -85,9 +93,12 @@ class TorchMultiheadAttention(nnx.Module):
         q, k, v = heads(q), heads(k), heads(v)
         scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype), k)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        if not self.deterministic and self.dropout > 0.0:
-            weights = layers.dropout(weights, self.dropout,
-                                     layers.next_key(rngs, "MultiInputClassifier"))
+        if self.drops:
+            if dropout_u is None:
+                raise ValueError("TorchMultiheadAttention: train-mode attention dropout needs "
+                                 "dropout_u, uniforms of shape (B, num_heads, Lq, L); or "
+                                 "switch to inference with .eval().")
+            weights = layers.dropout(weights, self.dropout, dropout_u)
         out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
         out = out.transpose(0, 2, 1, 3).reshape(query.shape[0], query.shape[1], e)
         return self.out_proj(out), jnp.mean(weights, axis=1)
@@ -186,10 +197,8 @@ class MultiInputClassifier(nnx.Module):
         self.dropout = dropout
         self.deterministic = False
 
-    def _drop(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        if self.deterministic or self.dropout <= 0.0:
-            return x
-        return layers.dropout(x, self.dropout, layers.next_key(rngs, "MultiInputClassifier"))
+    def _drop(self, x: jax.Array, u: jax.Array | None) -> jax.Array:
+        return x if u is None else layers.dropout(x, self.dropout, u)
 
     def __call__(self, images: jax.Array,
                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
@@ -218,22 +227,37 @@ class MultiInputClassifier(nnx.Module):
     def fuse(self, feats: jax.Array,
              rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
         """The part after the encoder: pooled features (B, N, F) -> logits (B, C) float32,
-        attention (B, N, N) float32. In train mode it draws its dropout keys from ``rngs``
-        after the encoder's."""
+        attention (B, N, N) float32. In train mode all its dropout masks come from one key
+        of ``rngs``, drawn after the encoder's (:func:`layers.uniform_draws`)."""
+        u = layers.uniform_draws(rngs, self._dropout_shapes(*feats.shape[:2]),
+                                 "MultiInputClassifier")
         tokens = self.proj(feats.astype(self.dtype))                             # (B, N, E)
         fused, attn = [], []
         for i, mha in enumerate(self.attention):
             q = tokens[:, i:i + 1]
-            attended, w = mha(q, tokens, rngs)
+            attended, w = mha(q, tokens, u.get(f"attention{i}"))
             x = self.norm1(attended + q)
-            ffn = self.ffn2(self._drop(jax.nn.relu(self.ffn1(x)), rngs))
+            ffn = self.ffn2(self._drop(jax.nn.relu(self.ffn1(x)), u.get(f"ffn{i}")))
             x = self.norm2(x + ffn)
             fused.append(x[:, 0])
             attn.append(w[:, 0])
         z = jnp.concatenate(fused, axis=-1)
-        z = jax.nn.relu(self.fc1(self._drop(z, rngs)))
-        logits = self.fc2(self._drop(z, rngs))
+        z = jax.nn.relu(self.fc1(self._drop(z, u.get("fc1"))))
+        logits = self.fc2(self._drop(z, u.get("fc2")))
         return logits.astype(jnp.float32), jnp.stack(attn, axis=1).astype(jnp.float32)
+
+    def _dropout_shapes(self, b: int, n: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of the head's dropout draws, in draw order (none in eval mode)."""
+        shapes, drops = {}, not self.deterministic and self.dropout > 0.0
+        e = self.fc1.out_features
+        for i, mha in enumerate(self.attention):
+            if mha.drops:
+                shapes[f"attention{i}"] = (b, mha.num_heads, 1, n)
+            if drops:
+                shapes[f"ffn{i}"] = (b, 1, self.ffn1.out_features)
+        if drops:
+            shapes["fc1"], shapes["fc2"] = (b, e * n), (b, e)
+        return shapes
 
     def _encode_in_chunks(self, images: jax.Array) -> jax.Array:
         """Eval mode: the encoder in a ``lax.scan`` over chunks of ``eval_chunk_size`` crops,
