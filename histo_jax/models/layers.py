@@ -224,11 +224,15 @@ class BatchNorm(nnx.Module):
     def update_running_stats(self, mean: jax.Array, var: jax.Array, n: int) -> None:
         """PyTorch's running-average update from per-group batch means and biased variances
         (G, C) over ``n`` values per channel and group (the variance is made unbiased here),
-        one update per group in group order."""
+        one update per group in group order.
+
+        ``set_value``, not ``v[...] = x``: Flax's indexed assignment compares the new
+        value's ``.sharding``, which under a trace raises an error whose message scans the
+        whole jaxpr (quadratic: 4.8 of the 6.4 s of tracing EfficientNet-B0's train step)."""
         mean, var = jax.lax.stop_gradient((mean, var))
-        self.mean[...] = plain.running_update(self.mean[...], mean, self.momentum)
-        self.var[...] = plain.running_update(self.var[...], var * (n / max(n - 1, 1)),
-                                             self.momentum)
+        self.mean.set_value(plain.running_update(self.mean[...], mean, self.momentum))
+        self.var.set_value(plain.running_update(self.var[...], var * (n / max(n - 1, 1)),
+                                                self.momentum))
 
 
 class ConvBN(nnx.Module):
