@@ -1,12 +1,14 @@
 """The staged train step (``steps.StagedTrainStep``, the default in training on CPU) equals
 the one-program step (``steps.make_train_step``), random ops and augmentation on."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from histo_jax import optim, parallel, steps
+from histo_jax import optim, parallel, steps, train
 from histo_jax.config import get_base_config
 from histo_jax.data import augment
 from histo_jax.models import build_model
@@ -38,8 +40,9 @@ def _close(got, want, what):
 def test_staged_step_equals_one_program():
     """Two steps on a 4-device mesh (batch sharded) with dropout, stochastic depth,
     augmentation and class weights: the staged chain (the encoder's forward and backward
-    per input, compiled ahead by ``compile``, after which the step compiles nothing) and one
-    program give the same metrics, parameters, BatchNorm statistics and optimizer state."""
+    per input) and one program, both compiled ahead by the trainer's ``compile_ahead``,
+    after which the steps compile nothing, give the same metrics, parameters, BatchNorm
+    statistics and optimizer state."""
     n = 3
     graphs, tx, aug, state = _setup(n)  # trunk 'auto': staged in CPU training
     assert graphs.train_trunk == "staged"
@@ -54,14 +57,21 @@ def test_staged_step_equals_one_program():
     key = jax.device_put(jax.random.PRNGKey(3), repl)
     s_staged = jax.device_put(state, repl)
     s_whole = jax.device_put(jax.tree.map(jnp.copy, state), repl)
-    staged.compile(s_staged, batches[0], key)
-    programs = (staged.prepare, staged.forward, staged.head, staged.backward, staged.update)
-    assert [len(p.compiled) for p in programs] == [1] * 5
+    # Both compiled ahead as the trainer does, from the abstract batch (train.compile_ahead).
+    loader = types.SimpleNamespace(started=0)
+    loader.start_prefetch = lambda: setattr(loader, "started", loader.started + 1)
+    for step, s in ((staged, s_staged), (whole, s_whole)):
+        train.compile_ahead(types.SimpleNamespace(
+            source=types.SimpleNamespace(image_size=40), mesh=mesh, base_key=key, train_step=step,
+            config=types.SimpleNamespace(batch_size=8, num_inputs=n)), s, loader)
+    assert loader.started == 2
+    programs = (staged.prepare, staged.forward, staged.head, staged.backward, staged.update, whole)
+    assert [len(p.compiled) for p in programs] == [1] * 6
     for batch in batches:
         s_staged, m_staged = staged(s_staged, batch, key)
         s_whole, m_whole = whole(s_whole, batch, key)
         _close(m_staged, m_whole, "metrics")
-    assert [len(p.compiled) for p in programs] == [1] * 5
+    assert [len(p.compiled) for p in programs] == [1] * 6  # the steps compiled nothing
     assert jax.tree.structure(s_staged) == jax.tree.structure(s_whole)
     _close(s_staged, s_whole, "state")
     assert int(s_staged.step) == 2
