@@ -131,39 +131,10 @@ class CompiledOnFirstCall:
 
     def __init__(self, jitted):
         self.jitted, self.compiled, self.last = jitted, {}, None
-        self._background = None  # (thread, errors) of compile_in_background
-
-    def compile_in_background(self, *args) -> None:
-        """Starts :meth:`compile` for these arguments in a thread (XLA compiles with the GIL
-        released): the next :meth:`compile` or call waits for it, and raises its error."""
-        import threading
-        self._wait()
-        errors = []
-
-        def work():
-            try:
-                self._compile(*args)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(e)
-        thread = threading.Thread(target=work, name="compile-ahead", daemon=True)
-        self._background = (thread, errors)
-        thread.start()
-
-    def _wait(self) -> None:
-        if self._background is not None:
-            thread, errors = self._background
-            thread.join()
-            self._background = None
-            if errors:
-                raise errors[0]
 
     def compile(self, *args):
         """The compiled program for these arguments (arrays or ``jax.ShapeDtypeStruct``),
         compiled now if it was not yet; its ``out_info`` describes the outputs."""
-        self._wait()
-        return self._compile(*args)
-
-    def _compile(self, *args):
         import jax
         leaves, treedef = jax.tree.flatten(args)
         key = (treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x)))
@@ -179,8 +150,6 @@ class CompiledOnFirstCall:
         # types itself, in C++, and refuses others with a TypeError before it runs (nothing
         # donated). Building this class's key on every call cost ~7 ms for a train state's
         # 800 arrays, ~100 ms per staged train step.
-        if self._background is not None:
-            self._wait()
         if self.last is not None:
             try:
                 return self.last(*args)

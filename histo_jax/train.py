@@ -438,22 +438,15 @@ def resume_or_start(run: Run, state) -> tuple[Any, checkpointing.LoopState, Any]
 def compile_ahead(run: Run, state, train_iter) -> None:
     """Starts the training loader's workers, then compiles the train step while they warm
     up: the first batch waited for the workers (~6 s on 2 cores), then the first step for
-    its compile. Then starts compiling the eval step in a thread, beside the first epoch's
-    steps (XLA:CPU leaves ~20 % of 2 cores idle in a train step); the first validation
-    waits for it. The abstract batches are those :func:`parallel.global_batch` makes."""
+    its compile. The abstract batch is the one :func:`parallel.global_batch` makes."""
     getattr(train_iter, "start_prefetch", lambda: None)()
     size, n = run.source.image_size, run.config.num_inputs
     sharding = parallel.batch_sharding(run.mesh)
-
-    def images(batch_size):
-        return jax.ShapeDtypeStruct((batch_size, n, size, size, 3), np.uint8, sharding=sharding)
-    run.train_step.compile(state, {"images": images(run.config.batch_size), "labels":
-                                   jax.ShapeDtypeStruct((run.config.batch_size,), np.int32,
-                                                        sharding=sharding)}, run.base_key)
-    weights = jax.tree.map(  # abstract: the steps donate the state's arrays meanwhile
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        (state.params, state.batch_stats))
-    run.eval_step.compile_in_background(*weights, images(run.config.eval_batch_size))
+    batch = {"images": jax.ShapeDtypeStruct((run.config.batch_size, n, size, size, 3), np.uint8,
+                                            sharding=sharding),
+             "labels": jax.ShapeDtypeStruct((run.config.batch_size,), np.int32,
+                                            sharding=sharding)}
+    run.train_step.compile(state, batch, run.base_key)
 
 
 def train_epoch(run: Run, state, loop: checkpointing.LoopState, train_iter):

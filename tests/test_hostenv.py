@@ -123,33 +123,3 @@ def test_compiled_on_first_call_compiles_once_per_shape_and_build_caches_can_go(
     assert jitted._cache_size() == 1
     hostenv.release_build_memory()
     assert jitted._cache_size() == 0 and len(trims) == 1
-
-
-def test_compile_in_background_is_waited_for_and_its_error_raised():
-    """compile_in_background: the next call waits for the thread and uses its program (no
-    second compile); a failed background compile raises in the caller's thread."""
-    import threading
-
-    import jax
-    import jax.numpy as jnp
-    gate, traced = threading.Event(), []
-
-    def f(x):
-        gate.wait(30)  # the trace holds the thread until the test lets it go
-        traced.append(threading.current_thread().name)
-        return x + 1
-
-    step = hostenv.CompiledOnFirstCall(jax.jit(f))
-    step.compile_in_background(jax.ShapeDtypeStruct((3,), jnp.float32))
-    assert not step.compiled  # still tracing in its thread
-    gate.set()
-    assert jnp.array_equal(step(jnp.zeros(3)), jnp.ones(3))
-    assert traced == ["compile-ahead"] and len(step.compiled) == 1
-
-    def bad(x):
-        raise ValueError("no such op")
-    failing = hostenv.CompiledOnFirstCall(jax.jit(bad))
-    failing.compile_in_background(jax.ShapeDtypeStruct((3,), jnp.float32))
-    with pytest.raises(ValueError, match="no such op"):
-        failing(jnp.zeros(3))
-    assert not failing.compiled

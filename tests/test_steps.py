@@ -58,18 +58,12 @@ def test_staged_step_equals_one_program():
     s_staged = jax.device_put(state, repl)
     s_whole = jax.device_put(jax.tree.map(jnp.copy, state), repl)
     # Both compiled ahead as the trainer does, from the abstract batch (train.compile_ahead).
-    # Both compiled ahead as the trainer does, from abstract batches (train.compile_ahead),
-    # the eval step in a thread beside the train steps.
     loader = types.SimpleNamespace(started=0)
     loader.start_prefetch = lambda: setattr(loader, "started", loader.started + 1)
-    evals = [steps.hostenv.CompiledOnFirstCall(jax.jit(
-        steps.make_eval_step(graphs, "none"), in_shardings=(repl, repl, parallel.batch_sharding(mesh))))
-        for _ in range(2)]
-    for step, s, ev in ((staged, s_staged, evals[0]), (whole, s_whole, evals[1])):
+    for step, s in ((staged, s_staged), (whole, s_whole)):
         train.compile_ahead(types.SimpleNamespace(
             source=types.SimpleNamespace(image_size=40), mesh=mesh, base_key=key, train_step=step,
-            eval_step=ev, config=types.SimpleNamespace(batch_size=8, eval_batch_size=4,
-                                                       num_inputs=n)), s, loader)
+            config=types.SimpleNamespace(batch_size=8, num_inputs=n)), s, loader)
     assert loader.started == 2
     programs = (staged.prepare, staged.forward, staged.head, staged.backward, staged.update, whole)
     assert [len(p.compiled) for p in programs] == [1] * 6
@@ -78,9 +72,6 @@ def test_staged_step_equals_one_program():
         s_whole, m_whole = whole(s_whole, batch, key)
         _close(m_staged, m_whole, "metrics")
     assert [len(p.compiled) for p in programs] == [1] * 6  # the steps compiled nothing
-    images = parallel.global_batch(mesh, _batches(n, b=4, count=1)[0])["images"]
-    for ev, s in zip(evals, (s_staged, s_whole)):  # waits for the thread, compiles nothing
-        assert ev(s.params, s.batch_stats, images)[0].shape == (4, 2) and len(ev.compiled) == 1
     assert jax.tree.structure(s_staged) == jax.tree.structure(s_whole)
     _close(s_staged, s_whole, "state")
     assert int(s_staged.step) == 2
