@@ -393,8 +393,7 @@ def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.
             return stain_aug.apply_map(px, params)
         return _augment_image(img, g, a, j, p, cfg, pixel_map if stain else None)
 
-    per_input = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, 0))
-    return jax.vmap(per_input, in_axes=(0, 0, 0, None, None, 0))(
+    return jax.vmap(jax.vmap(fn), in_axes=(0, 0, 0, None, None, 0))(
         images, geo, app, jitter, erase_p, stain_params)
 
 

@@ -120,11 +120,8 @@ class MBConv(nnx.Module):
         if not self.use_residual:
             return y
         if self.drops:
-            if drop_u is None:
-                raise ValueError("MBConv: this block applies stochastic depth (train mode) and "
-                                 "needs drop_u, (B,) uniforms; call it through EfficientNet, "
-                                 "or switch to inference with .eval().")
-            y = layers.stochastic_depth(y, self.drop_rate, drop_u)
+            y = layers.stochastic_depth(y, self.drop_rate,
+                                        layers.require_draw(drop_u, "MBConv", "(B,)"))
         return y + x
 
     def _fused_train_core(self, x: jax.Array, stat_groups: int) -> jax.Array:

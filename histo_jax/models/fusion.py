@@ -94,11 +94,8 @@ class TorchMultiheadAttention(nnx.Module):
         scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype), k)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
         if self.drops:
-            if dropout_u is None:
-                raise ValueError("TorchMultiheadAttention: train-mode attention dropout needs "
-                                 "dropout_u, uniforms of shape (B, num_heads, Lq, L); or "
-                                 "switch to inference with .eval().")
-            weights = layers.dropout(weights, self.dropout, dropout_u)
+            weights = layers.dropout(weights, self.dropout, layers.require_draw(
+                dropout_u, "TorchMultiheadAttention", "(B, num_heads, Lq, L)"))
         out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
         out = out.transpose(0, 2, 1, 3).reshape(query.shape[0], query.shape[1], e)
         return self.out_proj(out), jnp.mean(weights, axis=1)

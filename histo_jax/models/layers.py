@@ -127,6 +127,15 @@ def uniform_draws(rngs: nnx.Rngs | None, shapes: dict[str, tuple[int, ...]],
     return out
 
 
+def require_draw(u: jax.Array | None, where: str, shape: str) -> jax.Array:
+    """``u``, or the error that explains a train-mode random op called without its draw."""
+    if u is None:
+        raise ValueError(f"{where} is in train mode with a random op and needs its draw, "
+                         f"uniforms of shape {shape}; call it through its model, or switch "
+                         "to inference with .eval().")
+    return u
+
+
 def dropout(x: jax.Array, rate: float, u: jax.Array) -> jax.Array:
     """Inverted dropout (PyTorch ``nn.Dropout`` in training mode); ``u``: uniforms in
     [0, 1) of ``x``'s shape, an element is kept where ``u < 1 - rate``."""
