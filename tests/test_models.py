@@ -161,11 +161,14 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
         assert g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g)))
 
 
-@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
-def test_depthwise_shift_equals_grouped_conv(kernel, stride):
+@pytest.mark.parametrize("kernel,stride,hw", [
+    (3, 1, (11, 13)), (3, 2, (11, 13)), (5, 1, (11, 13)), (5, 2, (11, 13)),
+    (3, 2, (12, 14)), (5, 2, (12, 14)),   # even sizes: the stride-2 input gradient by parity
+])
+def test_depthwise_shift_equals_grouped_conv(kernel, stride, hw):
     """xla_cpu.depthwise_shift (and its written-out VJP) == plain.depthwise_conv (XLA's)."""
     rng = np.random.default_rng(kernel * 10 + stride)
-    x = jnp.asarray(rng.standard_normal((2, 11, 13, 6)), jnp.float32)  # odd sizes on purpose
+    x = jnp.asarray(rng.standard_normal((2, *hw, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
     ys, yg = xla_cpu.depthwise_shift(x, w, stride), plain.depthwise_conv(x, w, stride)
     assert ys.shape == yg.shape

@@ -12,7 +12,8 @@ here changes what the model computes, only how XLA:CPU computes it (``model.impl
   convolution, the depthwise convolution, and the middle of an MBConv block as ONE op
   (:func:`mbconv_core_train`);
 * backward passes shaped for XLA:CPU's kernels: the depthwise kernel gradient as one
-  variadic reduction over all k*k taps (:func:`kernel_grad`), the 1x1 weight gradient of
+  variadic reduction over all k*k taps (:func:`kernel_grad`), the stride-2 depthwise input
+  gradient by pixel parity instead of over a zero-dilated gradient, the 1x1 weight gradient of
   large layers as a batch of two half-products that YNNPACK runs on both cores
   (:func:`weight_grad`), the stem's kernel gradient as im2col and that product
   (:func:`conv2d`);
@@ -37,7 +38,7 @@ from histo_jax.models.plain import f32, group_sum, spread
 
 
 def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
-    """``v``, made to depend on ``t`` for XLA's scheduler: ``v + 0 * max(t)``.
+    """``v``, made to depend on ``t`` for XLA's scheduler: ``v + 0 * (max(t) + min(t))``.
 
     XLA:CPU's scheduler otherwise runs the whole input-gradient chain down to the stem first
     and the parameter gradients (which read the stored activations) last, so that every
@@ -48,8 +49,20 @@ def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
     producer down to it) nor ``sum(t)`` (XLA merges reductions and materialises their
     products) works, and ``optimization_barrier`` cannot be used: XLA:CPU removes barriers
     before scheduling.
+
+    Max and min are ONE variadic reduction: XLA:CPU rewrites a plain reduction over more
+    than 32 values into a tree of reduce-windows, a chain of 2-5 kernels (a single max over
+    ``(t, t)`` is merged back into one). The EfficientNet-B0 backward program had ~700 such
+    kernels, a third of its kernels, for ~80 ties; now ~80.
     """
-    return v + (jnp.max(t) * 0).astype(v.dtype)
+    flat = t.reshape(-1)
+    inf = jnp.array(jnp.inf, t.dtype)
+    top, low = jax.lax.reduce((flat, flat), (-inf, inf), _max_min, (0,))
+    return v + ((top + low) * 0).astype(v.dtype)
+
+
+def _max_min(a, b):
+    return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
 def _add(a, b):
@@ -190,8 +203,9 @@ def shift_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 def depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """:func:`plain.depthwise_conv` as a shift-and-add, with a written-out backward: the
     input gradient is the same shift-and-add over the zero-dilated output gradient with the
-    flipped kernel (one fused loop), the kernel gradient k*k multiply-reductions; only ``x``
-    and the kernel are kept for the backward."""
+    flipped kernel (one fused loop; at stride 2 on even sizes, by input-pixel parity
+    without the dilation: :func:`_input_grad_stride2`), the kernel gradient k*k
+    multiply-reductions; only ``x`` and the kernel are kept for the backward."""
     return shift_forward(x, kernel, stride)
 
 
@@ -205,7 +219,8 @@ def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
 
     All k*k taps are ONE variadic reduction over the pixel axes, its operands the products
     of shifted slices with ``g``, so that XLA:CPU reads ``x`` and ``g`` once, in one loop
-    that it parallelises over the batch; the per-sample partial sums (N, C) are then added.
+    that it parallelises over the batch; the per-sample partial sums (N, C) are then added,
+    all taps again in one variadic reduction (one kernel where a sum per tap made k*k).
     One reduction per tap (YNNPACK's, which cannot take a slice as operand, so XLA first
     copies each shifted slice out) read both tensors k*k times: 5-10x slower per layer
     (benchmarks/README.md).
@@ -214,8 +229,9 @@ def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
     gf = g.astype(f32)
     prods = tuple(_tap(xp, i, j, stride, g.shape[1:3]).astype(f32) * gf
                   for i in range(k) for j in range(k))
-    partial = jax.lax.reduce(prods, (jnp.zeros((), f32),) * len(prods), _add, (1, 2))
-    return jnp.stack([jnp.sum(t, axis=0) for t in partial])
+    zeros = (jnp.zeros((), f32),) * len(prods)
+    partial = jax.lax.reduce(prods, zeros, _add, (1, 2))
+    return jnp.stack(jax.lax.reduce(partial, zeros, _add, (0,)))
 
 
 def shift_backward(stride, res, g):
@@ -225,14 +241,51 @@ def shift_backward(stride, res, g):
     p = (k - 1) // 2
     _, h, w, c = x.shape
     ho, wo = g.shape[1:3]
-    # d x: full correlation of the stride-dilated gradient with the flipped kernel.
-    gd = jax.lax.pad(g, jnp.zeros((), g.dtype),
-                     ((0, 0, 0), (k - 1, h + 2 * p - stride * (ho - 1) - 1, stride - 1),
-                      (k - 1, w + 2 * p - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
-    dx = _shift_sum(gd, kernel[::-1, ::-1], 1, (h, w), offset=p)
+    if stride == 2 and h % 2 == 0 and w % 2 == 0:
+        dx = _input_grad_stride2(g, kernel, (h, w))
+    else:
+        # d x: full correlation of the stride-dilated gradient with the flipped kernel.
+        gd = jax.lax.pad(g, jnp.zeros((), g.dtype),
+                         ((0, 0, 0), (k - 1, h + 2 * p - stride * (ho - 1) - 1, stride - 1),
+                          (k - 1, w + 2 * p - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
+        dx = _shift_sum(gd, kernel[::-1, ::-1], 1, (h, w), offset=p)
     dk = kernel_grad(x, g, k, stride).reshape(k, k, 1, c).astype(kernel.dtype)
     dx = not_before(dx, dk)
     return dx.astype(x.dtype), dk
+
+
+def _phase_taps(k: int, parity: int) -> list[tuple[int, int]]:
+    """Stride 2, one axis: the taps ``t`` reaching input pixels ``2q + parity`` and the
+    output-gradient offset ``d`` they read: ``dx[2q + parity] = sum g[q + d] * w[t]``."""
+    p = (k - 1) // 2
+    return [(t, (parity + p - t) // 2) for t in range(k) if (parity + p - t) % 2 == 0]
+
+
+def _input_grad_stride2(g: jax.Array, kernel: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """The input gradient of a stride-2 depthwise convolution (even ``hw``), by input-pixel
+    parity: each of the four parity classes of ``dx`` is a shift-and-add of ``g`` over the
+    taps that reach it, and the four are interleaved. The same sums as the shift-and-add over
+    the zero-dilated gradient, without that 4x larger tensor of mostly zeros (N=1 train step:
+    129 MB at the backward's peak) and its multiplications by zero."""
+    k, (q, r) = kernel.shape[0], (hw[0] // 2, hw[1] // 2)
+    offsets = [d for parity in (0, 1) for _, d in _phase_taps(k, parity)]
+    lo = max(0, -min(offsets))
+    hi_h, hi_w = max(0, q - 1 + max(offsets) - (g.shape[1] - 1)), max(
+        0, r - 1 + max(offsets) - (g.shape[2] - 1))
+    gp = jnp.pad(g, ((0, 0), (lo, hi_h), (lo, hi_w), (0, 0)))
+    n, c = g.shape[0], g.shape[-1]
+
+    def phase(a, b):
+        out = None
+        for ti, di in _phase_taps(k, a):
+            for tj, dj in _phase_taps(k, b):
+                tap = jax.lax.slice(gp, (0, lo + di, lo + dj, 0), (n, lo + di + q, lo + dj + r, c))
+                term = tap * kernel[ti, tj, 0]
+                out = term if out is None else out + term
+        return out
+
+    rows = [jnp.stack([phase(a, 0), phase(a, 1)], axis=3) for a in (0, 1)]   # (N, Q, R, 2, C)
+    return jnp.stack(rows, axis=2).reshape(n, 2 * q, 2 * r, c)
 
 
 depthwise_shift.defvjp(_shift_fwd, shift_backward)
