@@ -37,8 +37,9 @@ from histo_jax.models import plain
 from histo_jax.models.plain import f32, group_sum, spread
 
 
-def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
-    """``v``, made to depend on ``t`` for XLA's scheduler: ``v + 0 * (max(t) + min(t))``.
+def not_before(v: Any, t: jax.Array) -> Any:
+    """``v`` (an array or a tuple of arrays), made to depend on ``t`` for XLA's scheduler:
+    ``v + 0 * (max(t) + min(t))``.
 
     XLA:CPU's scheduler otherwise runs the whole input-gradient chain down to the stem first
     and the parameter gradients (which read the stored activations) last, so that every
@@ -58,7 +59,8 @@ def not_before(v: jax.Array, t: jax.Array) -> jax.Array:
     flat = t.reshape(-1)
     inf = jnp.array(jnp.inf, t.dtype)
     top, low = jax.lax.reduce((flat, flat), (-inf, inf), _max_min, (0,))
-    return v + ((top + low) * 0).astype(v.dtype)
+    zero = (top + low) * 0
+    return jax.tree.map(lambda u: u + zero.astype(u.dtype), v)
 
 
 def _max_min(a, b):
@@ -323,8 +325,10 @@ def bn_act_forward(x, scale, bias, eps, act, groups):
 
 def bn_act_recompute(x, mean, rstd, scale, bias, act):
     """The output of :func:`bn_act_forward` again, from its saved input and statistics, for a
-    backward pass that keeps only ``x``. Written as ``x * a + b``: a form XLA cannot CSE with
-    the forward's ``(x - mean) * a + bias`` (which would keep the forward output alive)."""
+    backward pass that keeps only ``x``, in the forward's form ``x * a + b``. Its callers in a
+    backward pass tie ``mean`` and ``rstd`` to the incoming gradient (:func:`not_before`), so
+    that XLA cannot CSE ``x * a`` or the output with the forward's (which would keep a
+    forward tensor alive until the backward, where one program holds both)."""
     a = scale * rstd                                                      # (G, C)
     y = x.astype(f32) * spread(a, x) + spread(bias - mean * a, x)
     return jax.nn.silu(y) if act else y
@@ -431,7 +435,7 @@ def _core_bwd(spec, res, cts):
     # Recomputations are made to depend on the incoming gradient (``not_before``) so that
     # XLA:CPU's scheduler does not hoist them to the start of the backward pass, where they
     # would all be alive at once.
-    a2 = bn_act_recompute(d, not_before(mean2, g), rstd2, *bn_dw, True).astype(dt)
+    a2 = bn_act_recompute(d, *not_before((mean2, rstd2), g), *bn_dw, True).astype(dt)
     # project: z = a2 * gate, p = z @ w
     dz, dw_project = pointwise_backward((a2 * gate, w_project.astype(dt)), g)
     # squeeze-excitation: gate = se_gate(pool(a2)), z = a2 * gate
@@ -444,7 +448,7 @@ def _core_bwd(spec, res, cts):
     a1 = e
     if bn_expand is not None:
         (mean1, rstd1), = saved
-        a1 = bn_act_recompute(e, not_before(mean1, dbias2), rstd1, *bn_expand, True)
+        a1 = bn_act_recompute(e, *not_before((mean1, rstd1), dbias2), *bn_expand, True)
         a1 = a1.astype(dt)
     da1, dkernel = shift_backward(spec.stride, (a1, kernel.astype(dt)), dd.astype(dt))
     if bn_expand is None:
