@@ -103,21 +103,23 @@ def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     almost on one core; a batch of two gives each core its half: 1.3-4.5x faster for the
     layers at 28 x 28 px and above on 2 cores (benchmarks/README.md).
     """
-    x, g = _halves(x), _halves(g)
-    if x.ndim == 3:
-        halves = jax.lax.dot_general(x, g, (((1,), (1,)), ((0,), (0,))),
+    if _split(x):
+        halves = jax.lax.dot_general(_halves(x), _halves(g), (((1,), (1,)), ((0,), (0,))),
                                      preferred_element_type=f32)
         return halves[0] + halves[1]
     axes = tuple(range(x.ndim - 1))
     return jax.lax.dot_general(x, g, ((axes, axes), ((), ())), preferred_element_type=f32)
 
 
-def _halves(t: jax.Array) -> jax.Array:
-    """``t`` as (2, rows / 2, C) where :func:`weight_grad` splits its pixels, else ``t``."""
+def _split(t: jax.Array) -> bool:
+    """Whether :func:`weight_grad` splits the pixels (rows) of ``t`` in two halves."""
     rows = t.size // t.shape[-1]
-    if rows >= SPLIT_WEIGHT_GRAD_ROWS and rows % 2 == 0:
-        return t.reshape(2, rows // 2, t.shape[-1])
-    return t
+    return rows >= SPLIT_WEIGHT_GRAD_ROWS and rows % 2 == 0
+
+
+def _halves(t: jax.Array) -> jax.Array:
+    """``t`` as (2, rows / 2, C), the two halves of its pixels."""
+    return t.reshape(2, t.size // (2 * t.shape[-1]), t.shape[-1])
 
 
 def pointwise_backward(res, g):
@@ -126,12 +128,11 @@ def pointwise_backward(res, g):
     ``dx`` is computed from ``g`` in the shape :func:`weight_grad` gives it: with two
     shapes, XLA computed and wrote ``g``'s producer (a BatchNorm backward) once per shape."""
     x, w = res
-    gs = _halves(g)
-    if gs.ndim == 3:  # a batch of two, as XLA would otherwise fold the halves into rows
-        dx = jax.lax.dot_general(gs, jnp.broadcast_to(w, (2, *w.shape)),
+    if _split(g):  # a batch of two, as XLA would otherwise fold the halves into rows
+        dx = jax.lax.dot_general(_halves(g), jnp.broadcast_to(w, (2, *w.shape)),
                                  (((2,), (2,)), ((0,), (0,))))
     else:
-        dx = jax.lax.dot_general(gs, w, (((gs.ndim - 1,), (1,)), ((), ())))
+        dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
     dx = dx.reshape(*g.shape[:-1], w.shape[0])
     dw = weight_grad(x, g)
     dx = not_before(dx, dw)
@@ -287,8 +288,8 @@ def _input_grad_stride2(g: jax.Array, kernel: jax.Array, hw: tuple[int, int]) ->
     k, (q, r) = kernel.shape[0], (hw[0] // 2, hw[1] // 2)
     offsets = [d for parity in (0, 1) for _, d in _phase_taps(k, parity)]
     lo = max(0, -min(offsets))
-    hi_h, hi_w = max(0, q - 1 + max(offsets) - (g.shape[1] - 1)), max(
-        0, r - 1 + max(offsets) - (g.shape[2] - 1))
+    hi_h = max(0, q - 1 + max(offsets) - (g.shape[1] - 1))
+    hi_w = max(0, r - 1 + max(offsets) - (g.shape[2] - 1))
     gp = jnp.pad(g, ((0, 0), (lo, hi_h), (lo, hi_w), (0, 0)))
     n, c = g.shape[0], g.shape[-1]
 
